@@ -1,0 +1,89 @@
+"""Our checkpoint files: what they hold, and how they are written and read safely.
+
+A checkpoint is one `torch.save`d dict of tensors and plain values (no pickled classes), so it
+loads with `weights_only=True`:
+
+    format          "nanogpt-checkpoint"      version   1
+    model           the model's state dict    model_config  ModelConfig as a plain dict
+    optimizer       optimizer state dict      scaler        GradScaler state dict (or {})
+    step            optimizer steps done      best_val_loss  float
+    data_meta       the dataset's meta.json (the tokenizer travels with the weights)
+    config          the run's resolved config, as JSON text
+
+Writes go to a temp file in the same dir, are fsynced, then renamed over the target: a crash
+mid-save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt.config import Activation, ModelConfig, UserError
+
+FORMAT = "nanogpt-checkpoint"
+VERSION = 1
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["activation"] = Activation(d["activation"]).value
+    return d
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def save(payload: dict[str, Any], path: str | Path) -> None:
+    """Atomically write payload to path (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | Path) -> dict:
+    """Load any .pt file with weights_only=True (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or holding pickled objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from e
+
+
+def is_ours(payload: dict) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def find_in_run_dir(run_dir: str | Path, which: str = "best") -> Path:
+    """The checkpoint file of a run dir: checkpoints/{best,last}.pt (best falls back to last)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    order = ["best", "last"] if which == "best" else [which]
+    for name in order:
+        candidate = ckpt_dir / f"{name}.pt"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{run_dir} holds no checkpoints/{which}.pt: is it a run dir of a run that saved?")
+
+
+def resolved_config(payload: dict) -> dict:
+    return json.loads(payload.get("config", "{}"))

@@ -1,0 +1,108 @@
+"""What every entrypoint shares: where the configs live, and one-line errors for user mistakes.
+
+Configs ship two ways: in a checkout they are `conf/` and `experiments/` beside the package; in an
+installed wheel they are copied into the package (see pyproject.toml). Experiments are registered
+as the Hydra group `experiment`, so `experiment=NAME` selects `experiments/NAME.yaml` either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from nanogpt.config import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _first_existing(*candidates: Path) -> Path:
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"none of {[str(p) for p in candidates]} exists: is the package installed completely?")
+
+
+def config_dir() -> Path:
+    return _first_existing(PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf")
+
+
+def experiments_dir() -> Path:
+    return _first_existing(PACKAGE_DIR / "experiments", PACKAGE_DIR.parent / "experiments")
+
+
+def register_configs() -> None:
+    """Register the schemas and every experiments/*.yaml (as group `experiment`, package _global_)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from nanogpt.config import register_schemas
+
+    register_schemas()
+    cs = ConfigStore.instance()
+    for path in sorted(experiments_dir().glob("*.yaml")):
+        cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def one_line(exc: BaseException) -> str:
+    """Condense a Hydra/OmegaConf error into one line: what was wrong, and the hint if there is one."""
+    parts: list[str] = []
+    options: list[str] = []
+    for e in (exc, exc.__cause__):
+        if e is None:
+            continue
+        for raw in str(e).splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("full_key:", "object_type=", "reference_type=", "provider=")):
+                continue
+            if line.startswith("Config search path"):
+                break
+            if raw.startswith("\t"):  # one option of an "Available options in 'group':" list
+                options.append(line)
+                continue
+            line = line if line.endswith((".", ":")) else line + "."
+            if line not in parts:
+                parts.append(line)
+    if options:
+        parts[-1] = parts[-1] + " " + ", ".join(options)
+    if any(re.search(r"Key '.*' not in '", p) for p in parts):  # a misspelled key: appending won't help
+        parts = [p for p in parts if not p.startswith("To append to your config")]
+        parts.append("Check the spelling; --cfg job lists every key.")
+    return " ".join(parts) if parts else exc.__class__.__name__
+
+
+def exit_with_error(exc: BaseException) -> None:
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a @hydra.main function so user mistakes end in one line on stderr and exit status 2.
+
+    Hydra prints composition errors over several lines; we ask it to raise instead
+    (HYDRA_FULL_ERROR) and print them condensed. A user who sets HYDRA_FULL_ERROR=1 still gets
+    the full traceback.
+    """
+
+    @functools.wraps(task)
+    def run() -> None:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            register_configs()
+            task()
+        except (UserError, HydraException, OmegaConfBaseException) as e:
+            if user_wants_traceback:
+                raise
+            exit_with_error(e)
+        finally:
+            if not user_wants_traceback:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+
+    return run

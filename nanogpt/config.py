@@ -1,0 +1,237 @@
+"""The typed schema behind every config in conf/ and experiments/.
+
+Hydra merges the YAML files onto these dataclasses, so a misspelled key or a value of the wrong
+type fails at composition time with the key's full name. Rules that span several fields live in
+`check_train_config`, which runs before any data is read or any model is built.
+
+This module must stay cheap to import (no torch): `nanogpt-train --cfg job` goes through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from omegaconf import II, MISSING
+
+
+class UserError(Exception):
+    """A user mistake (bad config, missing file, no network): one line that says what and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config value or combination that cannot work: the message names the key."""
+
+
+class Activation(str, Enum):
+    gelu = "gelu"  # exact (erf) GELU, as nanoGPT's nn.GELU()
+    gelu_tanh = "gelu_tanh"  # tanh approximation, as OpenAI's GPT-2 and HF's "gelu_new"
+
+
+class DataFormat(str, Enum):
+    text = "text"  # one text (file, URL or glob), split into train/val by its tail
+    hf = "hf"  # a HuggingFace dataset of documents with a `text` column
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr, then min_lr
+    constant = "constant"  # linear warmup, then lr
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda > mps > cpu
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    auto = "auto"  # bfloat16 where supported, else float16 (with a GradScaler) on cuda; float32 elsewhere
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class LoggerName(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # longest context the model supports (size of the position table)
+    vocab_size: Optional[int] = None  # None: the dataset's vocabulary size
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    activation: Activation = Activation.gelu
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # a short name, used in logs
+    source: str = MISSING  # URL, local file, glob of files, or HF dataset id/dir (format=hf)
+    dir: str = MISSING  # where train.bin, val.bin and meta.json are written and read
+    format: DataFormat = DataFormat.text
+    encoding: str = "char"  # "char" (vocabulary from the data) or a tiktoken encoding name
+    val_fraction: float = 0.1  # share of the data held out for validation
+    split_seed: int = 2357  # format=hf: seed of the document-level train/val split
+    num_threads: int = 8  # tokenizer threads for large inputs
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # floor of the cosine decay
+    weight_decay: float = 0.1  # on 2-D weights only (matmuls, embeddings); never on biases and norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Schedule = Schedule.cosine
+    warmup_iters: int = 2000
+    decay_iters: int = II("max_iters")  # step at which the cosine reaches min_lr
+    fused: Optional[bool] = None  # None: the fused AdamW kernel wherever the device supports it
+
+
+@dataclass
+class HardwareConfig:
+    device: Device = Device.auto
+    dtype: DType = DType.auto  # autocast dtype; master weights stay float32
+    compile: Optional[bool] = None  # torch.compile the model; None: on cuda only
+    tf32: bool = True  # allow TF32 matmuls and convolutions on Ampere and newer GPUs
+    peak_flops: Optional[float] = None  # per device, for MFU; None: known GPU table, else measured
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.none
+    project: str = "nanogpt"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None  # None: the run dir's name
+    mode: Optional[str] = None  # online | offline | disabled; None: wandb's own setting (WANDB_MODE)
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 dir |
+    # a run dir or checkpoint file of ours | a nanoGPT ckpt.pt
+    init_from: str = "scratch"
+    seed: int = 1337
+    batch_size: int = 12  # sequences per micro-step
+    block_size: int = II("model.block_size")  # training context length; at most model.block_size
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    eval_interval: int = 250  # evaluate (and save) every this many steps, and at the last step
+    eval_iters: int = 20  # batches per split in each evaluation
+    log_interval: int = 1  # print and record a train line every this many steps
+    eval_only: bool = False  # evaluate once and exit (the eval_gpt2* experiments)
+    save_checkpoints: bool = True  # write last.pt (each eval) and best.pt (on improvement)
+
+
+@dataclass
+class SampleConfig:
+    # what to sample from: a run dir or checkpoint of ours, a nanoGPT ckpt.pt, a GPT-2 name
+    # (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF GPT-2 dir
+    init_from: str = MISSING
+    checkpoint: str = "best"  # for a run dir: best | last
+    prompt: str = "\n"
+    prompt_file: Optional[str] = None  # read the prompt from this file instead
+    tokenizer: Optional[str] = None  # meta.json / nanoGPT meta.pkl / tiktoken name; None: from init_from
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # < 1 sharper, > 1 more random
+    top_k: Optional[int] = 200  # keep only the k likeliest tokens; None: all
+    seed: int = 1337
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    force: bool = False  # re-prepare even if train.bin/val.bin/meta.json exist
+
+
+@dataclass
+class BenchSettings:
+    real_data: bool = True  # batches from the dataset; False: random tokens (no data needed)
+    warmup_steps: int = 10  # steps not timed (compile, allocator, caches)
+    steps: int = 20  # timed steps
+    profile: bool = False  # also write a torch.profiler Chrome trace
+    trace_dir: str = "bench_trace"
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def check_model_config(m: ModelConfig, where: str = "model") -> None:
+    if m.n_layer < 1 or m.n_head < 1 or m.n_embd < 1 or m.block_size < 1:
+        raise ConfigError(f"{where}.n_layer, n_head, n_embd and block_size must be positive")
+    if m.n_embd % m.n_head != 0:
+        raise ConfigError(
+            f"{where}.n_embd={m.n_embd} is not divisible by {where}.n_head={m.n_head}: "
+            f"pick n_embd a multiple of n_head (e.g. {where}.n_embd={m.n_head * max(1, round(m.n_embd / m.n_head))})"
+        )
+    if m.vocab_size is not None and m.vocab_size < 1:
+        raise ConfigError(f"{where}.vocab_size={m.vocab_size} must be positive, or null to take the data's")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"{where}.dropout={m.dropout} must be in [0, 1)")
+
+
+def check_train_config(c: TrainConfig) -> None:
+    """Cross-field rules that the schema's types cannot express. Raises ConfigError."""
+    check_model_config(c.model)
+    if c.block_size > c.model.block_size:
+        raise ConfigError(
+            f"block_size={c.block_size} exceeds model.block_size={c.model.block_size}: "
+            f"lower block_size or raise model.block_size"
+        )
+    for key in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key}={getattr(c, key)} must be at least 1")
+    if c.max_iters < 0:
+        raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
+    o = c.optim
+    if o.name != "adamw":
+        raise ConfigError(f"optim.name={o.name!r} is not known: use adamw")
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr and lr > 0")
+    if o.warmup_iters < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
+    if o.schedule == Schedule.cosine and o.decay_iters < o.warmup_iters:
+        raise ConfigError(
+            f"optim.decay_iters={o.decay_iters} is shorter than optim.warmup_iters={o.warmup_iters}: "
+            f"raise decay_iters or lower warmup_iters"
+        )
+    if not 0.0 < c.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")
+    if c.hardware.peak_flops is not None and c.hardware.peak_flops <= 0:
+        raise ConfigError(f"hardware.peak_flops={c.hardware.peak_flops} must be positive, or null")
+    if c.logger.mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode={c.logger.mode!r} must be online, offline, disabled or null")
+
+
+def register_schemas() -> None:
+    """Make the schemas available to the defaults lists of conf/*.yaml."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="bench_schema", node=BenchConfig)

@@ -1,0 +1,119 @@
+"""Turn the hardware group (which may say `auto`) into concrete device, dtype and switches."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanogpt.config import ConfigError, Device, DType, HardwareConfig
+
+# Dense bf16/fp16 tensor-core peak FLOP/s (without sparsity), by a substring of the device name.
+# The first match wins, so more specific names come first.
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 125e12),
+    ("A10", 125e12),
+    ("A6000", 155e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+@dataclass
+class Hardware:
+    device: str  # "cpu", "cuda", "cuda:0", "mps"
+    dtype: torch.dtype  # autocast dtype (float32: no autocast)
+    compile: bool
+    peak_flops: float | None  # None until measured or known
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def use_grad_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name() if self.device_type == "cuda" else self.device
+        return f"{name}, {str(self.dtype).removeprefix('torch.')}, compile={'on' if self.compile else 'off'}"
+
+
+def resolve(cfg: HardwareConfig) -> Hardware:
+    device = Device(cfg.device)
+    if device == Device.auto:
+        if torch.cuda.is_available():
+            device = Device.cuda
+        elif torch.backends.mps.is_available():
+            device = Device.mps
+        else:
+            device = Device.cpu
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto")
+    if device == Device.mps and not torch.backends.mps.is_available():
+        raise ConfigError("hardware.device=mps but MPS is not available: use hardware=cpu or hardware=auto")
+
+    dtype = DType(cfg.dtype)
+    if dtype == DType.auto:
+        if device == Device.cuda:
+            dtype = DType.bfloat16 if torch.cuda.is_bf16_supported() else DType.float16
+        else:
+            dtype = DType.float32
+    if device == Device.cpu and dtype == DType.float16:
+        raise ConfigError("hardware.dtype=float16 is not supported on cpu: use float32 or bfloat16")
+    torch_dtype = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}[dtype]
+
+    if device == Device.cuda and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    compile_model = cfg.compile if cfg.compile is not None else device == Device.cuda
+    peak = cfg.peak_flops
+    if peak is None and device == Device.cuda:
+        peak = gpu_peak_flops(torch.cuda.get_device_name())
+    return Hardware(device=device.value, dtype=torch_dtype, compile=compile_model, peak_flops=peak)
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of a large square matmul: the reference for MFU where no datasheet peak is
+    known (CPUs, unlisted GPUs). MFU against it reads as 'fraction of what this device's matmul
+    actually reaches', which is stricter than a datasheet peak would be."""
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.split(":")[0], lambda: None)
+    a @ b  # warm up kernels and caches
+    sync()
+    iterations, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iterations += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n**3 * iterations / elapsed

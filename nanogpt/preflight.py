@@ -1,0 +1,84 @@
+"""Checks that run before Hydra creates a run dir, so a user mistake costs no compute and leaves
+nothing on disk.
+
+Hydra calls `Preflight.on_run_start` (registered under `hydra.callbacks` in conf/train.yaml)
+with the composed config, before it makes the run dir. A failed check raises a UserError, which
+`nanogpt.cli.hydra_entrypoint` prints as one line. A sweep is checked once with its base config
+(`on_multirun_start`); each job checks its own overrides again when it starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt.cli import exit_with_error
+from nanogpt.config import GPT2_NAMES, ConfigError, TrainConfig, UserError, check_train_config
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """The composed DictConfig as the typed dataclass, with every cross-field rule checked."""
+    task_cfg = {k: v for k, v in cfg.items() if k != "hydra"} if "hydra" in cfg else cfg
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), task_cfg))
+    except Exception as e:
+        from omegaconf.errors import MissingMandatoryValue
+
+        if isinstance(e, MissingMandatoryValue):
+            key = getattr(e, "full_key", "") or str(e)
+            raise ConfigError(f"{key} is required and has no value: set it on the command line ({key}=...)") from e
+        raise
+    check_train_config(config)
+    check_init_from(config.init_from)
+    return config
+
+
+def check_init_from(init_from: str) -> None:
+    if init_from == "scratch" or init_from in GPT2_NAMES:
+        return
+    if not Path(init_from).expanduser().exists():
+        raise ConfigError(
+            f"init_from={init_from!r} is not scratch, a GPT-2 name ({', '.join(GPT2_NAMES)}) or an existing path"
+        )
+
+
+def check_data_and_vocab(config: TrainConfig) -> dict:
+    """Prepare the dataset if it is missing (the data cache, not the run dir), then check that the
+    model's vocabulary covers it and the training context fits in it. Returns the data's meta."""
+    from nanogpt.data import ensure_prepared
+
+    meta = ensure_prepared(config.data)
+    vocab = config.model.vocab_size
+    if vocab is not None and vocab < meta["vocab_size"]:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the {meta['vocab_size']} tokens of data={config.data.name}: "
+            f"set model.vocab_size=null (take the data's) or >= {meta['vocab_size']}"
+        )
+    smallest = min(meta["train_tokens"], meta["val_tokens"])
+    if smallest <= config.block_size:
+        raise ConfigError(
+            f"block_size={config.block_size} needs more than {config.block_size} tokens per split, but "
+            f"data={config.data.name} has a split of {smallest}: lower block_size or use more data"
+        )
+    return meta
+
+
+class Preflight(Callback):
+    # Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
+    # leaves through SystemExit (not an Exception), with the same one-line message and status as
+    # every other user error.
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_data_and_vocab(to_train_config(config))
+        except UserError as e:
+            exit_with_error(e)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            to_train_config(config)
+        except UserError as e:
+            exit_with_error(e)

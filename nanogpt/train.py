@@ -1,0 +1,204 @@
+"""nanogpt-train: train (or evaluate) a GPT from a composed Hydra config.
+
+    nanogpt-train                                   # nanoGPT's CPU recipe on tiny Shakespeare
+    nanogpt-train experiment=shakespeare_char       # a named recipe from experiments/
+    nanogpt-train model=shakespeare_char optim.lr=3e-4 max_iters=500
+    nanogpt-train --cfg job                         # print the composed config and exit
+
+The loop is nanoGPT's: micro-steps under autocast with the loss scaled for accumulation, clip,
+step, zero grads; evaluation every eval_interval steps and at the end; last.pt at each
+evaluation and best.pt when the val loss improves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt.cli import config_dir, hydra_entrypoint
+from nanogpt.config import ConfigError, TrainConfig
+
+log = logging.getLogger("nanogpt")
+
+
+def build_model(config: TrainConfig, data_meta: dict):
+    """The GPT of the model group, from scratch or from init_from's weights."""
+    from nanogpt import weights
+    from nanogpt.model import GPT
+
+    if config.init_from == "scratch":
+        vocab_size = config.model.vocab_size or data_meta["vocab_size"]
+        return GPT(replace(config.model, vocab_size=vocab_size))
+
+    pretrained = weights.load(config.init_from)
+    weights.check_matches(config.model, pretrained.model_config, config.init_from)
+    if pretrained.data_meta and pretrained.data_meta.get("encoding") != data_meta.get("encoding"):
+        raise ConfigError(
+            f"init_from={config.init_from} was trained with the {pretrained.data_meta.get('encoding')!r} tokenizer "
+            f"but data={config.data.name} uses {data_meta.get('encoding')!r}: pick a dataset with the same encoding"
+        )
+    model = GPT(replace(pretrained.model_config, dropout=config.model.dropout))
+    model.load_state_dict(pretrained.state_dict)
+    if config.model.block_size < model.config.block_size:
+        model.crop_block_size(config.model.block_size)
+    log.info(f"initialised from {pretrained.source}")
+    return model
+
+
+def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict) -> dict:
+    import torch
+
+    from nanogpt import checkpoint, hardware
+    from nanogpt.batches import RandomWindows
+    from nanogpt.metrics import Metrics
+    from nanogpt.optim import build_optimizer, learning_rate
+
+    hw = hardware.resolve(config.hardware)
+    torch.manual_seed(config.seed)
+    model = build_model(config, data_meta).to(hw.device)
+    optimizer = build_optimizer(model, config.optim, hw.device_type)
+    scaler = torch.amp.GradScaler(hw.device_type, enabled=hw.use_grad_scaler)
+    raw_model = model  # what we save and measure; `model` may become its compiled wrapper
+    if hw.compile:
+        log.info("compiling the model (the first steps are slow)")
+        model = torch.compile(model)
+    if hw.peak_flops is None:
+        hw.peak_flops = hardware.measure_peak_flops(hw.device)
+
+    data_dir = Path(config.data.dir)
+    windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device)
+    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], seed=config.seed, **windows)
+    # evaluation draws from its own generators so that it never shifts the training data order
+    eval_batches = {
+        "train": RandomWindows(data_dir / "train.bin", data_meta["dtype"], seed=config.seed + 1, **windows),
+        "val": RandomWindows(data_dir / "val.bin", data_meta["dtype"], seed=config.seed + 2, **windows),
+    }
+
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    log.info(
+        f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters | data: {config.data.name}, "
+        f"vocab {raw_model.config.vocab_size} | {tokens_per_step:,} tokens per step "
+        f"({config.batch_size} x {config.block_size} x {config.grad_accum}) | {hw.describe()}"
+    )
+    log.info(f"run dir: {run_dir}")
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        losses = {}
+        for split, batches in eval_batches.items():
+            total = torch.zeros((), device=hw.device)
+            for _ in range(config.eval_iters):
+                x, y = batches.next_batch()
+                with hw.autocast():
+                    _, loss = model(x, y)
+                total += loss.float()
+            losses[split] = total.item() / config.eval_iters
+        model.train()
+        return losses
+
+    def save(name: str, step: int, best_val_loss: float) -> None:
+        checkpoint.save(
+            {
+                "model": raw_model.state_dict(),
+                "model_config": checkpoint.model_config_to_dict(raw_model.config),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "best_val_loss": best_val_loss,
+                "data_meta": data_meta,
+                "config": json_dumps(resolved_config),
+            },
+            run_dir / "checkpoints" / f"{name}.pt",
+        )
+
+    metrics = Metrics(run_dir, config.logger, resolved_config)
+    # hoisted out of the loop: attribute lookups on plain locals only in the hot path
+    max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
+    grad_clip, optim_cfg = config.optim.grad_clip, config.optim
+    step, best_val_loss, last_eval = 0, float("inf"), {}
+    x, y = train_batches.next_batch()
+    t_last, steps_since_log = time.perf_counter(), 0
+    try:
+        while True:
+            if step % config.eval_interval == 0 or step == max_iters or config.eval_only:
+                last_eval = evaluate()
+                metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
+                improved = last_eval["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, last_eval["val"])
+                log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
+                if config.save_checkpoints and step > 0 and not config.eval_only:
+                    save("last", step, best_val_loss)
+                    if improved:
+                        save("best", step, best_val_loss)
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if step >= max_iters or config.eval_only:
+                break
+
+            lr = learning_rate(step, optim_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(grad_accum):
+                with hw.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / grad_accum  # the gradients of the micro-steps add up to the mean
+                x, y = train_batches.next_batch()  # fetch the next batch while the device works
+                scaler.scale(loss).backward()
+                loss_sum = loss_sum + loss.detach()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+
+            if step % log_interval == 0 or step == max_iters:
+                train_loss = float(loss_sum)  # the only host sync of a training step, every log_interval
+                now = time.perf_counter()
+                dt = (now - t_last) / steps_since_log
+                t_last, steps_since_log = now, 0
+                tokens_per_s = tokens_per_step / dt
+                mfu = raw_model.estimate_mfu(tokens_per_s, config.block_size, hw.peak_flops)
+                metrics.log(step, "train", loss=train_loss, lr=lr, ms_per_iter=dt * 1e3, tokens_per_s=tokens_per_s, mfu=mfu)
+                log.info(
+                    f"iter {step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
+                    f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                )
+    finally:
+        metrics.close()
+
+    if config.save_checkpoints and not config.eval_only:
+        log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}; checkpoints in {run_dir / 'checkpoints'}")
+    return {"step": step, "best_val_loss": best_val_loss, **{f"{k}_loss": v for k, v in last_eval.items()}}
+
+
+def json_dumps(obj) -> str:
+    import json
+
+    return json.dumps(obj, default=str)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def _main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nanogpt.preflight import check_data_and_vocab, to_train_config
+
+    config = to_train_config(cfg)
+    data_meta = check_data_and_vocab(config)  # already done before the run dir was made; cheap now
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return train(config, run_dir, data_meta, OmegaConf.to_container(cfg, resolve=True))
+
+
+main = hydra_entrypoint(_main)
+
+if __name__ == "__main__":
+    main()

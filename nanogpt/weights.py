@@ -1,0 +1,159 @@
+"""Pretrained weights from anywhere a user has them, as (architecture, state dict, tokenizer meta).
+
+`init_from` may be:
+  - a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl): downloaded from the HuggingFace hub;
+  - a local HuggingFace GPT-2 dir (config.json + model.safetensors or pytorch_model.bin);
+  - one of our run dirs or checkpoint files;
+  - a nanoGPT ckpt.pt (Karpathy's format, for users migrating).
+Everything is read with safetensors or `torch.load(weights_only=True)`: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanogpt import checkpoint
+from nanogpt.config import GPT2_NAMES, Activation, ModelConfig, UserError
+
+# HF's GPT-2 uses Conv1D layers, whose weights are stored transposed relative to nn.Linear.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class Pretrained:
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    data_meta: dict | None  # the tokenizer's meta.json; None: unknown (GPT-2 BPE is assumed)
+    source: str  # a description for logs
+    payload: dict | None = None  # the whole checkpoint, for ours (optimizer, step, ...)
+
+
+def gpt2_meta() -> dict:
+    return {"encoding": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+
+
+def load(init_from: str) -> Pretrained:
+    if init_from in GPT2_NAMES:
+        return load_hf_dir(_download_gpt2(init_from), source=f"{init_from} (HuggingFace hub)")
+    path = Path(init_from).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"init_from={init_from!r} is neither scratch, a GPT-2 name ({', '.join(GPT2_NAMES)}) nor an existing path"
+        )
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_hf_dir(path, source=str(path))
+    if path.is_dir():
+        path = checkpoint.find_in_run_dir(path)
+    payload = checkpoint.load_file(path)
+    if checkpoint.is_ours(payload):
+        return Pretrained(
+            model_config=checkpoint.model_config_from_dict(payload["model_config"]),
+            state_dict=payload["model"],
+            data_meta=payload.get("data_meta"),
+            source=str(path),
+            payload=payload,
+        )
+    if isinstance(payload, dict) and "model_args" in payload and "model" in payload:
+        return load_nanogpt_payload(payload, source=str(path))
+    raise UserError(f"{path} is neither our checkpoint nor a nanoGPT ckpt.pt (no 'format' or 'model_args' key)")
+
+
+def _download_gpt2(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise UserError(f"init_from={name} downloads from the HuggingFace hub: pip install 'nanogpt[hf]'") from e
+    try:
+        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:
+        raise UserError(
+            f"could not download {name} from the HuggingFace hub ({e.__class__.__name__}): check the network, "
+            f"or point init_from at a local copy (a dir with config.json and model.safetensors)"
+        ) from e
+
+
+def load_hf_dir(path: Path, source: str) -> Pretrained:
+    """A transformers GPT2LMHeadModel saved with save_pretrained (or downloaded from the hub)."""
+    hf = json.loads((path / "config.json").read_text())
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path} holds a {hf.get('model_type')!r} model; only GPT-2 checkpoints load")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise UserError(f"{path}: activation_function={activation!r} is not supported (gelu_new or gelu)")
+    config = ModelConfig(
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"],
+        dropout=0.0,
+        bias=True,
+        activation=Activation.gelu if activation == "gelu" else Activation.gelu_tanh,
+    )
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        raw = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
+
+    state_dict = {}
+    for key, tensor in raw.items():
+        key = key.removeprefix("transformer.") if not key.startswith("lm_head") else key
+        if key.endswith(("attn.bias", "attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        if key.endswith(_CONV1D):
+            tensor = tensor.t()
+        state_dict[key if key.startswith("lm_head") else f"transformer.{key}"] = tensor.contiguous()
+    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])  # tied; often not saved
+    return Pretrained(config, state_dict, gpt2_meta(), source)
+
+
+def load_nanogpt_payload(payload: dict, source: str) -> Pretrained:
+    """Karpathy's nanoGPT ckpt.pt: {'model', 'model_args', 'optimizer', 'iter_num', ...}.
+
+    torch.compile'd models save their keys with an `_orig_mod.` prefix; nanoGPT's GELU is exact.
+    """
+    args = payload["model_args"]
+    config = ModelConfig(
+        n_layer=args["n_layer"],
+        n_head=args["n_head"],
+        n_embd=args["n_embd"],
+        block_size=args["block_size"],
+        vocab_size=args["vocab_size"],
+        dropout=float(args.get("dropout", 0.0)),
+        bias=bool(args.get("bias", True)),
+        activation=Activation.gelu,
+    )
+    state_dict = {re.sub(r"^_orig_mod\.", "", k): v for k, v in payload["model"].items()}
+    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
+    return Pretrained(config, state_dict, data_meta=None, source=f"{source} (nanoGPT checkpoint)", payload=payload)
+
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation")
+
+
+def check_matches(configured: ModelConfig, loaded: ModelConfig, init_from: str) -> None:
+    """The model group must describe the weights being loaded; say which overrides would fix it."""
+    wrong = [
+        f"model.{k}={getattr(loaded, k).value if isinstance(getattr(loaded, k), Activation) else getattr(loaded, k)}"
+        for k in SHAPE_FIELDS
+        if getattr(configured, k) is not None and getattr(configured, k) != getattr(loaded, k)
+    ]
+    if wrong:
+        raise UserError(
+            f"the model config does not match the weights of init_from={init_from}: set {' '.join(wrong)}"
+            f" (or pick the matching model= option)"
+        )
+    if configured.block_size > loaded.block_size:
+        raise UserError(
+            f"model.block_size={configured.block_size} exceeds the {loaded.block_size} positions of "
+            f"init_from={init_from}: set model.block_size<={loaded.block_size}"
+        )
