@@ -21,9 +21,12 @@ from nanogpt.config import GPT2_NAMES, ConfigError, TrainConfig, UserError, chec
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed DictConfig as the typed dataclass, with every cross-field rule checked."""
+    schema = OmegaConf.get_type(cfg)  # TrainConfig, or a subclass such as BenchConfig
+    if not (isinstance(schema, type) and issubclass(schema, TrainConfig)):
+        schema = TrainConfig
     task_cfg = {k: v for k, v in cfg.items() if k != "hydra"} if "hydra" in cfg else cfg
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), task_cfg))
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), task_cfg))
     except Exception as e:
         from omegaconf.errors import MissingMandatoryValue
 
@@ -71,9 +74,14 @@ class Preflight(Callback):
     # leaves through SystemExit (not an Exception), with the same one-line message and status as
     # every other user error.
 
+    def __init__(self, check_data: bool = True):
+        self.check_data = check_data
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            check_data_and_vocab(to_train_config(config))
+            train_config = to_train_config(config)
+            if self.check_data:
+                check_data_and_vocab(train_config)
         except UserError as e:
             exit_with_error(e)
 

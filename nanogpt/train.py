@@ -50,25 +50,59 @@ def build_model(config: TrainConfig, data_meta: dict):
     return model
 
 
-def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict) -> dict:
+def build_training(config: TrainConfig, data_meta: dict):
+    """Device, model (and its compiled wrapper), optimizer and grad scaler for a config."""
     import torch
 
-    from nanogpt import checkpoint, hardware
-    from nanogpt.batches import RandomWindows
-    from nanogpt.metrics import Metrics
-    from nanogpt.optim import build_optimizer, learning_rate
+    from nanogpt import hardware
+    from nanogpt.optim import build_optimizer
 
     hw = hardware.resolve(config.hardware)
     torch.manual_seed(config.seed)
-    model = build_model(config, data_meta).to(hw.device)
-    optimizer = build_optimizer(model, config.optim, hw.device_type)
+    raw_model = build_model(config, data_meta).to(hw.device)  # what we save and measure
+    optimizer = build_optimizer(raw_model, config.optim, hw.device_type)
     scaler = torch.amp.GradScaler(hw.device_type, enabled=hw.use_grad_scaler)
-    raw_model = model  # what we save and measure; `model` may become its compiled wrapper
+    model = raw_model
     if hw.compile:
         log.info("compiling the model (the first steps are slow)")
-        model = torch.compile(model)
+        model = torch.compile(raw_model)
     if hw.peak_flops is None:
         hw.peak_flops = hardware.measure_peak_flops(hw.device)
+    return hw, raw_model, model, optimizer, scaler
+
+
+def optimizer_step(model, optimizer, scaler, hw, batches, batch, grad_accum: int, grad_clip: float):
+    """One optimizer step: grad_accum micro-steps under autocast, clip, step, zero grads.
+    Returns the mean loss (a tensor: reading it would sync the device) and the next batch."""
+    import torch
+
+    x, y = batch
+    loss_sum = 0.0
+    for _ in range(grad_accum):
+        with hw.autocast():
+            _, loss = model(x, y)
+            loss = loss / grad_accum  # the gradients of the micro-steps add up to the mean
+        x, y = batches.next_batch()  # fetch the next batch while the device works
+        scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, (x, y)
+
+
+def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict) -> dict:
+    import torch
+
+    from nanogpt import checkpoint
+    from nanogpt.batches import RandomWindows
+    from nanogpt.metrics import Metrics
+    from nanogpt.optim import learning_rate
+
+    hw, raw_model, model, optimizer, scaler = build_training(config, data_meta)
 
     data_dir = Path(config.data.dir)
     windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device)
@@ -122,7 +156,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
     grad_clip, optim_cfg = config.optim.grad_clip, config.optim
     step, best_val_loss, last_eval = 0, float("inf"), {}
-    x, y = train_batches.next_batch()
+    batch = train_batches.next_batch()
     t_last, steps_since_log = time.perf_counter(), 0
     try:
         while True:
@@ -143,20 +177,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
             lr = learning_rate(step, optim_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for _ in range(grad_accum):
-                with hw.autocast():
-                    _, loss = model(x, y)
-                    loss = loss / grad_accum  # the gradients of the micro-steps add up to the mean
-                x, y = train_batches.next_batch()  # fetch the next batch while the device works
-                scaler.scale(loss).backward()
-                loss_sum = loss_sum + loss.detach()
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, batch = optimizer_step(model, optimizer, scaler, hw, train_batches, batch, grad_accum, grad_clip)
             step += 1
             steps_since_log += 1
 

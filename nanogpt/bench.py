@@ -1,0 +1,114 @@
+"""nanogpt-bench: time the training step of any train config (nanoGPT's bench.py).
+
+Runs warmup steps, then times `bench.steps` optimizer steps of exactly the code nanogpt-train
+runs (`train.optimizer_step`), on real batches or random tokens, and prints ms/iter, tokens/s
+and MFU. With bench.profile=true it also writes a torch.profiler Chrome trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from nanogpt.cli import config_dir, hydra_entrypoint
+from nanogpt.config import BenchConfig, ConfigError
+
+log = logging.getLogger("nanogpt")
+
+
+class RandomTokens:
+    """Batches of uniformly random tokens: benchmarks without a dataset (bench.real_data=false)."""
+
+    def __init__(self, vocab_size: int, block_size: int, batch_size: int, device: str, seed: int):
+        import torch
+
+        self.shape, self.vocab_size, self.device = (batch_size, block_size), vocab_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        import torch
+
+        xy = torch.randint(self.vocab_size, (self.shape[0], self.shape[1] + 1), generator=self.generator)
+        return xy[:, :-1].to(self.device), xy[:, 1:].to(self.device)
+
+
+def run_benchmark(config: BenchConfig) -> dict:
+    import torch
+
+    from nanogpt.batches import RandomWindows
+    from nanogpt.preflight import check_data_and_vocab
+    from nanogpt.train import build_training, optimizer_step
+
+    b = config.bench
+    if b.steps < 1 or b.warmup_steps < 0:
+        raise ConfigError(f"bench.steps={b.steps} must be >= 1 and bench.warmup_steps={b.warmup_steps} >= 0")
+    if b.real_data:
+        data_meta = check_data_and_vocab(config)
+    else:
+        # random tokens: the model's own vocab, or GPT-2's padded one as nanoGPT's bench.py uses
+        data_meta = {"vocab_size": config.model.vocab_size or 50304}
+    hw, raw_model, model, optimizer, scaler = build_training(config, data_meta)
+    batch_args = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, seed=config.seed)
+    if b.real_data:
+        batches = RandomWindows(Path(config.data.dir) / "train.bin", data_meta["dtype"], **batch_args)
+    else:
+        batches = RandomTokens(raw_model.config.vocab_size, **batch_args)
+
+    sync = torch.cuda.synchronize if hw.device_type == "cuda" else (lambda: None)
+    batch = batches.next_batch()
+
+    def steps(n: int):
+        nonlocal batch
+        loss = None
+        for _ in range(n):
+            loss, batch = optimizer_step(model, optimizer, scaler, hw, batches, batch, config.grad_accum, config.optim.grad_clip)
+        return loss
+
+    log.info(
+        f"benchmarking {raw_model.get_num_params() / 1e6:.2f}M parameters, "
+        f"{config.batch_size} x {config.block_size} x {config.grad_accum} tokens per step, {hw.describe()}, "
+        f"{'real' if b.real_data else 'random'} data"
+    )
+    steps(b.warmup_steps)
+    sync()
+    if b.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if hw.device_type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            steps(min(b.steps, 5))
+            sync()
+        trace = Path(b.trace_dir) / "trace.json"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        log.info(f"profiler trace: {trace} (open in chrome://tracing or ui.perfetto.dev)")
+
+    start = time.perf_counter()
+    loss = steps(b.steps)
+    sync()
+    dt = (time.perf_counter() - start) / b.steps
+    tokens_per_s = config.batch_size * config.block_size * config.grad_accum / dt
+    mfu = raw_model.estimate_mfu(tokens_per_s, config.block_size, hw.peak_flops)
+    result = {"ms_per_iter": dt * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu, "loss": float(loss)}
+    log.info(
+        f"{dt * 1e3:.2f} ms/iter, {tokens_per_s:,.0f} tokens/s, MFU {mfu * 100:.2f}% "
+        f"(of {hw.peak_flops / 1e12:.2f} TFLOP/s peak), loss {float(loss):.4f}"
+    )
+    return result
+
+
+@hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
+def _main(cfg: DictConfig) -> dict:
+    from nanogpt.preflight import to_train_config
+
+    return run_benchmark(to_train_config(cfg))
+
+
+main = hydra_entrypoint(_main)
+
+if __name__ == "__main__":
+    main()

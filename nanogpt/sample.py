@@ -1,0 +1,115 @@
+"""nanogpt-sample: generate text from a trained model. See conf/sample.yaml for every option."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt.cli import config_dir, hydra_entrypoint
+from nanogpt.config import GPT2_NAMES, SampleConfig, UserError
+
+log = logging.getLogger("nanogpt")
+
+
+def read_prompt(cfg: SampleConfig) -> str:
+    if cfg.prompt_file is None:
+        return cfg.prompt
+    path = Path(cfg.prompt_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"prompt_file={cfg.prompt_file} does not exist: give an existing file, or use prompt=TEXT")
+    return path.read_text(encoding="utf-8")
+
+
+def check_init_from(cfg: SampleConfig) -> None:
+    if cfg.init_from not in GPT2_NAMES and not Path(cfg.init_from).expanduser().exists():
+        raise UserError(
+            f"init_from={cfg.init_from!r} is not a run dir, a checkpoint file, a HF dir or a GPT-2 name "
+            f"({', '.join(GPT2_NAMES)})"
+        )
+    if cfg.checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint={cfg.checkpoint!r} must be best or last")
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0:
+        raise UserError("num_samples must be >= 1, max_new_tokens >= 0 and temperature >= 0")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(f"top_k={cfg.top_k} must be >= 1, or null for no cut-off")
+
+
+def load_tokenizer(cfg: SampleConfig, pretrained):
+    """The tokenizer of the weights: from the tokenizer option, the checkpoint's own data meta,
+    or, for a nanoGPT checkpoint, its dataset's meta.pkl; GPT-2 BPE when nothing says otherwise
+    (as nanoGPT's sample.py assumes)."""
+    from nanogpt import tokenizer as tok
+
+    if cfg.tokenizer is not None:
+        return tok.load(cfg.tokenizer)
+    if pretrained.data_meta is not None:
+        return tok.from_meta(pretrained.data_meta)
+    if pretrained.payload is not None:  # a nanoGPT ckpt.pt: its meta.pkl lives with the dataset
+        dataset = (pretrained.payload.get("config") or {}).get("dataset")
+        ckpt_dir = Path(cfg.init_from) if Path(cfg.init_from).is_dir() else Path(cfg.init_from).parent
+        candidates = [ckpt_dir / "meta.json", ckpt_dir / "meta.pkl"]
+        if dataset:
+            candidates += [Path("data") / dataset / "meta.json", Path("data") / dataset / "meta.pkl"]
+        for candidate in candidates:
+            if candidate.is_file():
+                log.info(f"tokenizer: {candidate}")
+                return tok.load(str(candidate))
+    log.info("tokenizer: no meta found with the checkpoint, assuming GPT-2 BPE (set tokenizer=... otherwise)")
+    return tok.load("gpt2")
+
+
+def sample(cfg: SampleConfig) -> list[str]:
+    import torch
+
+    from nanogpt import hardware, weights
+    from nanogpt.checkpoint import find_in_run_dir
+    from nanogpt.model import GPT
+
+    check_init_from(cfg)
+    prompt = read_prompt(cfg)
+    hw = hardware.resolve(cfg.hardware)
+    source = cfg.init_from
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        source = str(find_in_run_dir(path, cfg.checkpoint))
+    pretrained = weights.load(source)
+    tokenizer = load_tokenizer(cfg, pretrained)
+
+    model = GPT(pretrained.model_config)
+    model.load_state_dict(pretrained.state_dict)
+    model.eval().to(hw.device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
+            f"set tokenizer= to the one the model was trained with"
+        )
+
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError("the prompt is empty after tokenization: give at least one character")
+    x = torch.tensor(ids, dtype=torch.long, device=hw.device)[None, :]
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=hw.device).manual_seed(cfg.seed)
+    samples = []
+    with torch.no_grad(), hw.autocast():
+        for _ in range(cfg.num_samples):
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+            samples.append(tokenizer.decode(y[0].tolist()))
+    return samples
+
+
+@hydra.main(config_path=str(config_dir()), config_name="sample", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    config: SampleConfig = OmegaConf.to_object(cfg)
+    for text in sample(config):
+        print(text)
+        print("---------------")
+
+
+main = hydra_entrypoint(_main)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the repo's shared/ folder (real data and tiktoken files), and Hydra composition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+
+# Real tiktoken, offline: its cache dir holds the hash-checked GPT-2 files.
+if TIKTOKEN_CACHE.is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
+    return SHAKESPEARE
+
+
+@pytest.fixture
+def gpt2_tiktoken():
+    if not TIKTOKEN_CACHE.is_dir():
+        pytest.skip(f"needs tiktoken's GPT-2 files in {TIKTOKEN_CACHE} (shared/ is absent)")
+
+
+def compose(config_name: str = "train", overrides: list[str] | None = None, hydra: bool = False):
+    """Compose a config exactly as the entrypoints do (schemas and experiments registered)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from nanogpt.cli import config_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides or [], return_hydra_config=hydra)
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600):
+    """Run an entrypoint as a user would (python -m nanogpt.X ...), from cwd."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
