@@ -107,7 +107,7 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
     state_dict = {}
     for key, tensor in raw.items():
         key = key.removeprefix("transformer.") if not key.startswith("lm_head") else key
-        if key.endswith(("attn.bias", "attn.masked_bias")):  # causal-mask buffers, not weights
+        if re.search(r"\.attn\.(masked_)?bias$", key):  # old causal-mask buffers, not weights
             continue
         if key.endswith(_CONV1D):
             tensor = tensor.t()
