@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nanogpt.cli import config_dir, hydra_entrypoint
+from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
 from nanogpt.config import BenchConfig, ConfigError
 
 log = logging.getLogger("nanogpt")
@@ -33,7 +33,7 @@ class RandomTokens:
         import torch
 
         xy = torch.randint(self.vocab_size, (self.shape[0], self.shape[1] + 1), generator=self.generator)
-        return xy[:, :-1].to(self.device), xy[:, 1:].to(self.device)
+        return xy[:, :-1].contiguous().to(self.device), xy[:, 1:].contiguous().to(self.device)
 
 
 def run_benchmark(config: BenchConfig) -> dict:
@@ -105,7 +105,8 @@ def run_benchmark(config: BenchConfig) -> dict:
 def _main(cfg: DictConfig) -> dict:
     from nanogpt.preflight import to_train_config
 
-    return run_benchmark(to_train_config(cfg))
+    with user_errors():
+        return run_benchmark(to_train_config(cfg))
 
 
 main = hydra_entrypoint(_main)

@@ -7,6 +7,7 @@ as the Hydra group `experiment`, so `experiment=NAME` selects `experiments/NAME.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -51,7 +52,8 @@ def one_line(exc: BaseException) -> str:
     """Condense a Hydra/OmegaConf error into one line: what was wrong, and the hint if there is one."""
     parts: list[str] = []
     options: list[str] = []
-    for e in (exc, exc.__cause__):
+    # our own errors already say why; Hydra's and OmegaConf's put the reason in their cause
+    for e in (exc,) if isinstance(exc, UserError) else (exc, exc.__cause__):
         if e is None:
             continue
         for raw in str(e).splitlines():
@@ -77,6 +79,16 @@ def one_line(exc: BaseException) -> str:
 def exit_with_error(exc: BaseException) -> None:
     print(f"error: {one_line(exc)}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Inside a Hydra task or callback: a UserError ends the process with its one line. (Hydra would
+    log it with a traceback from a task, and only warn about it from a callback.)"""
+    try:
+        yield
+    except UserError as e:
+        exit_with_error(e)
 
 
 def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:

@@ -213,11 +213,6 @@ def check_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr and lr > 0")
     if o.warmup_iters < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
-    if o.schedule == Schedule.cosine and o.decay_iters < o.warmup_iters:
-        raise ConfigError(
-            f"optim.decay_iters={o.decay_iters} is shorter than optim.warmup_iters={o.warmup_iters}: "
-            f"raise decay_iters or lower warmup_iters"
-        )
     if not 0.0 < c.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")
     if c.hardware.peak_flops is not None and c.hardware.peak_flops <= 0:

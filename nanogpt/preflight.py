@@ -15,8 +15,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt.cli import exit_with_error
-from nanogpt.config import GPT2_NAMES, ConfigError, TrainConfig, UserError, check_train_config
+from nanogpt.cli import user_errors
+from nanogpt.config import GPT2_NAMES, ConfigError, TrainConfig, check_train_config
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -71,22 +71,17 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
 
 class Preflight(Callback):
     # Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
-    # leaves through SystemExit (not an Exception), with the same one-line message and status as
-    # every other user error.
+    # leaves through SystemExit (user_errors), with the same one line and status as any user error.
 
     def __init__(self, check_data: bool = True):
         self.check_data = check_data
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        with user_errors():
             train_config = to_train_config(config)
             if self.check_data:
                 check_data_and_vocab(train_config)
-        except UserError as e:
-            exit_with_error(e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        with user_errors():
             to_train_config(config)
-        except UserError as e:
-            exit_with_error(e)

@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt.cli import config_dir, hydra_entrypoint
+from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
 from nanogpt.config import GPT2_NAMES, SampleConfig, UserError
 
 log = logging.getLogger("nanogpt")
@@ -103,10 +103,11 @@ def sample(cfg: SampleConfig) -> list[str]:
 
 @hydra.main(config_path=str(config_dir()), config_name="sample", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    config: SampleConfig = OmegaConf.to_object(cfg)
-    for text in sample(config):
-        print(text)
-        print("---------------")
+    with user_errors():
+        config: SampleConfig = OmegaConf.to_object(cfg)
+        for text in sample(config):
+            print(text)
+            print("---------------")
 
 
 main = hydra_entrypoint(_main)

@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt.cli import config_dir, hydra_entrypoint
+from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
 from nanogpt.config import ConfigError, TrainConfig
 
 log = logging.getLogger("nanogpt")
@@ -213,10 +213,11 @@ def _main(cfg: DictConfig) -> dict:
 
     from nanogpt.preflight import check_data_and_vocab, to_train_config
 
-    config = to_train_config(cfg)
-    data_meta = check_data_and_vocab(config)  # already done before the run dir was made; cheap now
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return train(config, run_dir, data_meta, OmegaConf.to_container(cfg, resolve=True))
+    with user_errors():
+        config = to_train_config(cfg)
+        data_meta = check_data_and_vocab(config)  # done before the run dir was made; cheap now
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        return train(config, run_dir, data_meta, OmegaConf.to_container(cfg, resolve=True))
 
 
 main = hydra_entrypoint(_main)

@@ -104,7 +104,7 @@ def test_sample_prepare_and_bench_configs_compose():
         (["batch_size=0"], "batch_size=0 must be at least 1"),
         (["data=text"], "data.source is required"),
         (["init_from=/no/such/ckpt.pt"], "init_from='/no/such/ckpt.pt'"),
-        (["optim.warmup_iters=5000"], "optim.decay_iters=2000 is shorter than optim.warmup_iters=5000"),
+        (["optim.warmup_iters=-1"], "optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0"),
     ],
 )
 def test_cross_field_rules_name_the_key(overrides, message):

@@ -1,0 +1,75 @@
+"""Training batches: random windows of a token file, as nanoGPT's get_batch draws them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanogpt.config import UserError
+
+
+class RandomWindows:
+    """Batches of `batch_size` windows of `block_size + 1` tokens at uniformly random offsets.
+
+    The offsets come from a generator of its own, seeded here, so evaluation draws do not move
+    training draws and `state_dict()` captures exactly where the stream is: a resumed run draws
+    the same windows as one that never stopped.
+    """
+
+    def __init__(
+        self,
+        path_to_bin: str | os.PathLike,
+        dtype: str,
+        block_size: int,
+        batch_size: int,
+        device: str | torch.device,
+        seed: int,
+    ):
+        self.path = Path(path_to_bin)
+        self.dtype = np.dtype(dtype)
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.seed = seed
+        try:
+            size = self.path.stat().st_size
+        except OSError as e:
+            raise UserError(f"cannot read {self.path} ({e.strerror}): prepare the dataset (nanogpt-prepare)") from e
+        if size % self.dtype.itemsize:
+            raise UserError(f"{self.path} is not a whole number of {self.dtype.name} tokens: re-prepare the dataset")
+        self.num_tokens = size // self.dtype.itemsize
+        if self.num_tokens <= block_size:
+            raise UserError(
+                f"{self.path.name} holds {self.num_tokens} tokens, fewer than block_size+1 = {block_size + 1}: "
+                f"lower block_size or use more data"
+            )
+        self.generator = torch.Generator().manual_seed(seed)
+        # Pinned host memory lets the copy to the GPU overlap with compute.
+        self._pin = self.device.type == "cuda"
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (batch_size, block_size) int64 tokens and y, the same windows shifted by one token."""
+        starts = torch.randint(self.num_tokens - self.block_size, (self.batch_size,), generator=self.generator)
+        # A fresh memmap per batch, as nanoGPT does: pages read through one long-lived memmap stay
+        # charged to the process and look like a memory leak on large datasets.
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        windows = np.stack([data[i : i + self.block_size + 1] for i in starts.tolist()])
+        del data
+        x = torch.from_numpy(windows[:, :-1].astype(np.int64))
+        y = torch.from_numpy(windows[:, 1:].astype(np.int64))
+        if self._pin:
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        gen_state = state["generator"]
+        if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8:
+            raise UserError("the saved batch state is not a torch generator state: the checkpoint is corrupt")
+        self.generator.set_state(gen_state)

@@ -1,0 +1,52 @@
+"""nanogpt-prepare: tokenize a dataset into data.dir ahead of training.
+
+    nanogpt-prepare data=shakespeare data.source=/path/input.txt
+    nanogpt-prepare data=openwebtext data.num_threads=16
+    nanogpt-prepare data=text data.source='notes/*.md' force=true
+
+Only Hydra and the config schema are imported at start: numpy, tiktoken and datasets load once
+the task runs, so --help and --cfg job answer at once.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
+from nanogpt.config import ConfigError, PrepareConfig
+
+
+def to_prepare_config(cfg: DictConfig) -> PrepareConfig:
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:  # data=text without data.source
+        key = getattr(e, "full_key", "") or str(e)
+        raise ConfigError(f"{key} is required and has no value: set it on the command line ({key}=...)") from e
+
+
+@hydra.main(config_path=str(config_dir()), config_name="prepare", version_base="1.3")
+def _prepare(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    from nanogpt.data import is_prepared, prepare
+
+    with user_errors():
+        config = to_prepare_config(cfg)
+        data = config.data
+        existed = is_prepared(data.dir) and not config.force
+        meta = prepare(data, force=config.force)
+    out = Path(data.dir)
+    state = "already prepared (force=true redoes it)" if existed else "prepared"
+    print(f"{data.name}: {state} in {out}")
+    print(f"  vocab {meta['vocab_size']:,} ({meta['encoding']}), {meta['dtype']} tokens")
+    print(f"  train {meta['train_tokens']:,} tokens: {out / 'train.bin'}")
+    print(f"  val   {meta['val_tokens']:,} tokens: {out / 'val.bin'}")
+
+
+main = hydra_entrypoint(_prepare)
+
+if __name__ == "__main__":
+    main()

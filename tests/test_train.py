@@ -1,0 +1,166 @@
+"""End to end, as a user runs it: train, sample, bench, finetune, wandb; and mistakes that stop early."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+FAST = ["max_iters=20", "eval_interval=10", "eval_iters=2", "log_interval=5"]
+
+
+def only_run_dir(cwd: Path) -> Path:
+    runs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory, request):
+    """One short run of the default recipe, shared by the tests that read its run dir."""
+    shakespeare = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    if not shakespeare.is_file():
+        pytest.skip(f"needs the real tiny Shakespeare at {shakespeare}")
+    cwd = tmp_path_factory.mktemp("char_run")
+    result = run_cli("nanogpt.train", f"data.source={shakespeare}", *FAST, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, only_run_dir(cwd), result
+
+
+def test_default_recipe_trains_and_leaves_a_run_dir(char_run):
+    cwd, run_dir, result = char_run
+    assert "model: 0.80M parameters" in result.stdout
+    assert "iter 20: loss" in result.stdout and "ms/iter" in result.stdout and "mfu" in result.stdout
+    assert "step 20: train loss" in result.stdout
+    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / path).is_file(), path
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in evals] == [0, 10, 20]  # the final step is evaluated too
+    assert [r["step"] for r in trains] == [5, 10, 15, 20]
+    assert {"loss", "lr", "ms_per_iter", "tokens_per_s", "mfu"} <= set(trains[0])
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert (cwd / "data" / "shakespeare_char" / "meta.json").is_file()  # prepared on the fly
+
+
+def test_checkpoint_holds_what_resume_and_sampling_need(char_run):
+    import torch
+
+    _, run_dir, _ = char_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["format"] == "nanogpt-checkpoint"
+    assert ckpt["model_config"]["n_layer"] == 4 and ckpt["data_meta"]["vocab_size"] == 65
+    assert {"model", "optimizer", "scaler", "best_val_loss", "config"} <= set(ckpt)
+    assert json.loads(ckpt["config"])["model"]["n_embd"] == 128
+
+
+def test_sample_from_a_run_dir_is_seeded(char_run):
+    cwd, run_dir, _ = char_run
+    args = [f"init_from={run_dir}", "prompt=ROMEO:", "num_samples=2", "max_new_tokens=40"]
+    first = run_cli("nanogpt.sample", *args, cwd=cwd)
+    assert first.returncode == 0, first.stderr
+    samples = first.stdout.split("---------------\n")
+    assert len([s for s in samples if s.strip()]) == 2 and all(s.startswith("ROMEO:") for s in samples if s.strip())
+    assert run_cli("nanogpt.sample", *args, cwd=cwd).stdout == first.stdout
+    assert run_cli("nanogpt.sample", *args, "seed=2", cwd=cwd).stdout != first.stdout
+    assert sorted(p.name for p in cwd.iterdir()) == ["data", "outputs"]  # sampling wrote nothing
+
+
+def test_sample_prompt_from_file_and_missing_file(char_run, tmp_path):
+    cwd, run_dir, _ = char_run
+    (tmp_path / "prompt.txt").write_text("JULIET:\n")
+    ok = run_cli("nanogpt.sample", f"init_from={run_dir}", f"prompt_file={tmp_path / 'prompt.txt'}",
+                 "num_samples=1", "max_new_tokens=10", cwd=cwd)
+    assert ok.returncode == 0 and ok.stdout.startswith("JULIET:\n"), ok.stderr
+    missing = run_cli("nanogpt.sample", f"init_from={run_dir}", "prompt_file=nope.txt", cwd=cwd)
+    assert_one_line_error(missing, "prompt_file=nope.txt does not exist")
+
+
+def test_finetune_from_our_run_dir(char_run):
+    cwd, run_dir, _ = char_run
+    result = run_cli("nanogpt.train", f"init_from={run_dir}", "max_iters=5", "eval_interval=5", "eval_iters=2",
+                     "optim.warmup_iters=0", "hydra.run.dir=outputs/finetune/run", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert f"initialised from {run_dir}/checkpoints/best.pt" in result.stdout
+    # it starts from the trained weights: its first eval (same eval batches as the source run's
+    # first, untrained one) is as low as where the source run ended
+    first = lambda path: json.loads(path.read_text().splitlines()[0])  # noqa: E731
+    source_start = first(run_dir / "metrics.jsonl")["val_loss"]
+    assert first(cwd / "outputs/finetune/run/metrics.jsonl")["val_loss"] < source_start - 0.3
+    mismatch = run_cli("nanogpt.train", f"init_from={run_dir}", "model.n_layer=2", cwd=cwd)
+    assert_one_line_error(mismatch, "set model.n_layer=4")
+
+
+def test_bench_prints_speed_and_mfu(char_run, tmp_path):
+    cwd, _, _ = char_run
+    real = run_cli("nanogpt.bench", "bench.steps=3", "bench.warmup_steps=1", cwd=cwd)
+    assert real.returncode == 0, real.stderr
+    assert "ms/iter" in real.stdout and "tokens/s" in real.stdout and "MFU" in real.stdout
+    synthetic = run_cli("nanogpt.bench", "bench.real_data=false", "bench.steps=2", "bench.warmup_steps=1",
+                        "bench.profile=true", "bench.trace_dir=trace", "data.dir=/nonexistent", cwd=tmp_path)
+    assert synthetic.returncode == 0, synthetic.stderr
+    assert "random data" in synthetic.stdout
+    assert json.loads((tmp_path / "trace" / "trace.json").read_text())["traceEvents"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace"]
+
+
+def test_gpt2_bpe_data_and_wandb_offline(tmp_path, shakespeare_path, gpt2_tiktoken):
+    args = ["data=shakespeare", f"data.source={shakespeare_path}", "model.n_layer=1", "model.n_embd=32",
+            "model.n_head=2", "logger=wandb", "logger.mode=offline", *FAST]
+    result = run_cli("nanogpt.train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert "vocab 50257" in result.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "wandb wrote no offline run"
+
+
+def test_missing_data_without_network_writes_nothing(tmp_path):
+    result = run_cli("nanogpt.train", "data.source=http://127.0.0.1:9/input.txt", cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, "could not download http://127.0.0.1:9/input.txt", "data.source")
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [] and not (tmp_path / "outputs").exists()
+
+
+def test_vocab_smaller_than_the_data_is_refused(tmp_path, shakespeare_path):
+    result = run_cli("nanogpt.train", f"data.source={shakespeare_path}", "model.vocab_size=50", cwd=tmp_path)
+    assert_one_line_error(result, "model.vocab_size=50 is smaller than the 65 tokens")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_nanogpt_checkpoint_samples_with_its_meta_pkl(tmp_path):
+    """A user migrating from nanoGPT: its ckpt.pt and its dataset's meta.pkl, sampled as is."""
+    import torch
+
+    from nanogpt.config import ModelConfig
+    from nanogpt.model import GPT
+
+    chars = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak.\n"))
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=len(chars), dropout=0.0)
+    model = GPT(ModelConfig(**args))
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "model_args": args,
+                "iter_num": 100, "best_val_loss": torch.tensor(2.0), "optimizer": {},
+                "config": {"dataset": "shakespeare_char"}}, tmp_path / "ckpt.pt")
+    meta_dir = tmp_path / "data" / "shakespeare_char"
+    meta_dir.mkdir(parents=True)
+    with open(meta_dir / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    result = run_cli("nanogpt.sample", f"init_from={tmp_path / 'ckpt.pt'}", "prompt=First", "num_samples=1",
+                     "max_new_tokens=30", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.split("---------------")[0]
+    assert text.startswith("First") and set(text.strip("\n")) <= set(chars)
