@@ -130,7 +130,7 @@ def _missing_dirs(path: Path) -> list[Path]:
 def _use_existing(cfg: DataConfig, out: Path) -> dict[str, Any]:
     meta = load_meta(out)
     _check_existing(meta, cfg, out)
-    log.info("using the dataset prepared in %s", out)
+    log.debug("using the dataset prepared in %s", out)  # training names the data dir in its summary
     return meta
 
 

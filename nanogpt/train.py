@@ -115,7 +115,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
 
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
     log.info(
-        f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters | data: {config.data.name}, "
+        f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters | data: {config.data.name} in {data_dir}, "
         f"vocab {raw_model.config.vocab_size} | {tokens_per_step:,} tokens per step "
         f"({config.batch_size} x {config.block_size} x {config.grad_accum}) | {hw.describe()}"
     )
@@ -196,8 +196,8 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     finally:
         metrics.close()
 
-    if config.save_checkpoints and not config.eval_only:
-        log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}; checkpoints in {run_dir / 'checkpoints'}")
+    saved = f"; checkpoints in {run_dir / 'checkpoints'}" if config.save_checkpoints and not config.eval_only else ""
+    log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}{saved}")
     return {"step": step, "best_val_loss": best_val_loss, **{f"{k}_loss": v for k, v in last_eval.items()}}
 
 
