@@ -15,8 +15,9 @@ from nanogpt.config import UserError
 class RandomWindows:
     """Batches of `batch_size` windows of `block_size + 1` tokens at uniformly random offsets.
 
-    The offsets come from a generator of its own, seeded here, so evaluation draws do not move
-    training draws and `state_dict()` captures exactly where the stream is: a resumed run draws
+    The offsets come from a torch.Generator: its own one, seeded with `seed`, or a `generator`
+    shared with other samplers (training shares one with evaluation, as nanoGPT's get_batch
+    shares the global RNG). `state_dict()` captures where the stream is, so a resumed run draws
     the same windows as one that never stopped.
     """
 
@@ -27,8 +28,11 @@ class RandomWindows:
         block_size: int,
         batch_size: int,
         device: str | torch.device,
-        seed: int,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
     ):
+        if (seed is None) == (generator is None):
+            raise ValueError("give RandomWindows either a seed or a generator")
         self.path = Path(path_to_bin)
         self.dtype = np.dtype(dtype)
         self.block_size = block_size
@@ -47,7 +51,7 @@ class RandomWindows:
                 f"{self.path.name} holds {self.num_tokens} tokens, fewer than block_size+1 = {block_size + 1}: "
                 f"lower block_size or use more data"
             )
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         # Pinned host memory lets the copy to the GPU overlap with compute.
         self._pin = self.device.type == "cuda"
 

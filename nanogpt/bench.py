@@ -23,11 +23,8 @@ log = logging.getLogger("nanogpt")
 class RandomTokens:
     """Batches of uniformly random tokens: benchmarks without a dataset (bench.real_data=false)."""
 
-    def __init__(self, vocab_size: int, block_size: int, batch_size: int, device: str, seed: int):
-        import torch
-
-        self.shape, self.vocab_size, self.device = (batch_size, block_size), vocab_size, device
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, vocab_size: int, block_size: int, batch_size: int, device: str, generator):
+        self.shape, self.vocab_size, self.device, self.generator = (batch_size, block_size), vocab_size, device, generator
 
     def next_batch(self):
         import torch
@@ -51,8 +48,9 @@ def run_benchmark(config: BenchConfig) -> dict:
     else:
         # random tokens: the model's own vocab, or GPT-2's padded one as nanoGPT's bench.py uses
         data_meta = {"vocab_size": config.model.vocab_size or 50304}
-    hw, raw_model, model, optimizer, scaler = build_training(config, data_meta)
-    batch_args = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, seed=config.seed)
+    t = build_training(config, data_meta)
+    hw, raw_model = t.hw, t.raw_model
+    batch_args = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng)
     if b.real_data:
         batches = RandomWindows(Path(config.data.dir) / "train.bin", data_meta["dtype"], **batch_args)
     else:
@@ -65,7 +63,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         nonlocal batch
         loss = None
         for _ in range(n):
-            loss, batch = optimizer_step(model, optimizer, scaler, hw, batches, batch, config.grad_accum, config.optim.grad_clip)
+            loss, batch = optimizer_step(t, batches, batch, config.grad_accum, config.optim.grad_clip)
         return loss
 
     log.info(

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
 from nanogpt.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanogpt.hardware import Hardware
+    from nanogpt.model import GPT
 
 log = logging.getLogger("nanogpt")
 
@@ -50,8 +57,20 @@ def build_model(config: TrainConfig, data_meta: dict):
     return model
 
 
-def build_training(config: TrainConfig, data_meta: dict):
-    """Device, model (and its compiled wrapper), optimizer and grad scaler for a config."""
+@dataclass
+class Training:
+    """Everything a training loop (or a benchmark) steps: built by `build_training`."""
+
+    hw: "Hardware"
+    raw_model: "GPT"  # what we save and measure
+    model: "torch.nn.Module"  # raw_model, or its torch.compile wrapper
+    optimizer: "torch.optim.Optimizer"
+    scaler: "torch.amp.GradScaler"
+    data_rng: "torch.Generator"  # the stream every batch is drawn from
+
+
+def build_training(config: TrainConfig, data_meta: dict) -> Training:
+    """Device, model, optimizer, grad scaler and batch stream for a config."""
     import torch
 
     from nanogpt import hardware
@@ -59,7 +78,12 @@ def build_training(config: TrainConfig, data_meta: dict):
 
     hw = hardware.resolve(config.hardware)
     torch.manual_seed(config.seed)
-    raw_model = build_model(config, data_meta).to(hw.device)  # what we save and measure
+    raw_model = build_model(config, data_meta).to(hw.device)
+    # Batches come from one stream, forked from the global RNG right after the model's init and
+    # shared by training and evaluation draws: that is exactly the stream nanoGPT's get_batch
+    # draws from, so with the same seed a run sees nanoGPT's batches and reproduces its numbers.
+    # (As in nanoGPT, changing eval_interval or eval_iters therefore changes later batches.)
+    data_rng = torch.Generator().set_state(torch.get_rng_state())
     optimizer = build_optimizer(raw_model, config.optim, hw.device_type)
     scaler = torch.amp.GradScaler(hw.device_type, enabled=hw.use_grad_scaler)
     model = raw_model
@@ -68,14 +92,15 @@ def build_training(config: TrainConfig, data_meta: dict):
         model = torch.compile(raw_model)
     if hw.peak_flops is None:
         hw.peak_flops = hardware.measure_peak_flops(hw.device)
-    return hw, raw_model, model, optimizer, scaler
+    return Training(hw, raw_model, model, optimizer, scaler, data_rng)
 
 
-def optimizer_step(model, optimizer, scaler, hw, batches, batch, grad_accum: int, grad_clip: float):
+def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: float):
     """One optimizer step: grad_accum micro-steps under autocast, clip, step, zero grads.
     Returns the mean loss (a tensor: reading it would sync the device) and the next batch."""
     import torch
 
+    model, optimizer, scaler, hw = t.model, t.optimizer, t.scaler, t.hw
     x, y = batch
     loss_sum = 0.0
     for _ in range(grad_accum):
@@ -102,15 +127,15 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     from nanogpt.metrics import Metrics
     from nanogpt.optim import learning_rate
 
-    hw, raw_model, model, optimizer, scaler = build_training(config, data_meta)
+    t = build_training(config, data_meta)
+    hw, raw_model, model, optimizer, scaler = t.hw, t.raw_model, t.model, t.optimizer, t.scaler
 
     data_dir = Path(config.data.dir)
-    windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device)
-    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], seed=config.seed, **windows)
-    # evaluation draws from its own generators so that it never shifts the training data order
+    windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng)
+    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], **windows)
     eval_batches = {
-        "train": RandomWindows(data_dir / "train.bin", data_meta["dtype"], seed=config.seed + 1, **windows),
-        "val": RandomWindows(data_dir / "val.bin", data_meta["dtype"], seed=config.seed + 2, **windows),
+        "train": train_batches,
+        "val": RandomWindows(data_dir / "val.bin", data_meta["dtype"], **windows),
     }
 
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
@@ -177,7 +202,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
             lr = learning_rate(step, optim_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, batch = optimizer_step(model, optimizer, scaler, hw, train_batches, batch, grad_accum, grad_clip)
+            loss_sum, batch = optimizer_step(t, train_batches, batch, grad_accum, grad_clip)
             step += 1
             steps_since_log += 1
 

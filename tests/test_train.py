@@ -164,3 +164,32 @@ def test_nanogpt_checkpoint_samples_with_its_meta_pkl(tmp_path):
     assert result.returncode == 0, result.stderr
     text = result.stdout.split("---------------")[0]
     assert text.startswith("First") and set(text.strip("\n")) <= set(chars)
+
+
+@pytest.fixture
+def tiny_hf_gpt2_dir(tmp_path):
+    """A randomly initialised GPT-2 with the real vocabulary, saved as the hub's files would be."""
+    transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf-gpt2")
+    return tmp_path / "hf-gpt2"
+
+
+def test_eval_gpt2_recipe_on_local_weights(tmp_path, tiny_hf_gpt2_dir, shakespeare_path, gpt2_tiktoken):
+    """The eval_gpt2 experiment, offline: local HF weights instead of the hub, Shakespeare instead of OWT."""
+    result = run_cli("nanogpt.train", "experiment=eval_gpt2", f"init_from={tiny_hf_gpt2_dir}", "data=shakespeare",
+                     f"data.source={shakespeare_path}", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                     "model.block_size=64", "eval_iters=2", "batch_size=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"initialised from {tiny_hf_gpt2_dir}" in result.stdout and "step 0: train loss" in result.stdout
+    run_dir = only_run_dir(tmp_path)
+    assert not (run_dir / "checkpoints").exists()  # evaluation only: nothing to save
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["eval"]
+
+    sampled = run_cli("nanogpt.sample", f"init_from={tiny_hf_gpt2_dir}", "prompt='Hello, world'", "num_samples=1",
+                      "max_new_tokens=5", cwd=tmp_path)
+    assert sampled.returncode == 0 and sampled.stdout.startswith("Hello, world"), sampled.stderr

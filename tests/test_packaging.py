@@ -1,0 +1,54 @@
+"""The wheel carries conf/ and experiments/, and the console scripts are installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_experiments_work_from_an_installed_wheel(tmp_path):
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("nanogpt-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "nanogpt/conf/train.yaml" in names and "nanogpt/conf/model/gpt2.yaml" in names
+    assert "nanogpt/experiments/gpt2_124m.yaml" in names
+
+    # install the wheel alone into a folder and run it from elsewhere: no checkout on the path
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import nanogpt, sys; print(nanogpt.__file__); sys.argv[0] = 'nanogpt-train';"
+         "from nanogpt.train import main; main()", "experiment=gpt2_124m", "--cfg", "job"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    first, rest = result.stdout.split("\n", 1)
+    assert first.startswith(str(target))
+    assert OmegaConf.create(rest).model.vocab_size == 50304
+
+
+def test_console_scripts_are_installed():
+    bindir = os.path.dirname(sys.executable)
+    for script in ("nanogpt-train", "nanogpt-prepare", "nanogpt-sample", "nanogpt-bench"):
+        path = shutil.which(script, path=bindir)
+        assert path, f"{script} is not installed: pip install -e ."
+    result = subprocess.run([shutil.which("nanogpt-train", path=bindir), "--cfg", "job"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0 and "n_layer: 4" in result.stdout, result.stderr
