@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,51 @@ def save(payload: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def training_payload(t, step: int, best_val_loss: float, data_meta: dict, resolved_config: dict) -> dict:
+    """What a checkpoint of a training run (a `train.Training`) holds, as the module doc lists."""
+    return {
+        "model": t.raw_model.state_dict(),
+        "model_config": model_config_to_dict(t.raw_model.config),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "step": step,
+        "best_val_loss": best_val_loss,
+        "data_meta": data_meta,
+        "config": json.dumps(resolved_config, default=str),
+    }
+
+
+def link_as(source: Path, target: Path) -> None:
+    """Make target a second name of source's file, atomically: no second write of the same bytes.
+    (The next save replaces source by a new file; target keeps this one.)"""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename: the directory entry, not only the file's bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse to fsync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_file(path: str | Path) -> dict:
@@ -64,10 +107,13 @@ def load_file(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or holding pickled objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot read checkpoint {path}: {first}") from e
+        # mmap: tensors are paged in when used, so sampling does not read the optimizer state
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(
+            f"cannot read checkpoint {path}: it is truncated, corrupt, not a PyTorch file, or holds pickled "
+            f"objects (which are never loaded)"
+        ) from e
 
 
 def is_ours(payload: dict) -> bool:
@@ -85,5 +131,3 @@ def find_in_run_dir(run_dir: str | Path, which: str = "best") -> Path:
     raise UserError(f"{run_dir} holds no checkpoints/{which}.pt: is it a run dir of a run that saved?")
 
 
-def resolved_config(payload: dict) -> dict:
-    return json.loads(payload.get("config", "{}"))

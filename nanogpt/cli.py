@@ -65,15 +65,49 @@ def one_line(exc: BaseException) -> str:
             if raw.startswith("\t"):  # one option of an "Available options in 'group':" list
                 options.append(line)
                 continue
-            line = line if line.endswith((".", ":")) else line + "."
+            line = line if line.endswith((".", ":", "?", "!")) else line + "."
             if line not in parts:
                 parts.append(line)
     if options:
         parts[-1] = parts[-1] + " " + ", ".join(options)
-    if any(re.search(r"Key '.*' not in '", p) for p in parts):  # a misspelled key: appending won't help
+    misspelled = any(re.search(r"Key '.*' not in '", p) for p in parts)
+    if misspelled and not any("--cfg job" in p for p in parts):  # appending the key would not help
         parts = [p for p in parts if not p.startswith("To append to your config")]
         parts.append("Check the spelling; --cfg job lists every key.")
     return " ".join(parts) if parts else exc.__class__.__name__
+
+
+def to_object(cfg, schema: type | None = None):
+    """A composed config as its typed dataclass (or `schema`'s, merged first), with a missing
+    mandatory value (`???`, e.g. data=text without data.source) as a one-line ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    from nanogpt.config import ConfigError
+
+    try:
+        if schema is not None:
+            cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        reference = OmegaConf.to_container(OmegaConf.structured(OmegaConf.get_type(cfg)))
+        unknown = _unknown_keys(OmegaConf.to_container(cfg), reference)
+        if unknown:  # added with +key=...: merging typed configs would drop them silently
+            raise ConfigError(f"{unknown[0]} is not a config key: check the spelling; --cfg job lists every key")
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "") or str(e)
+        raise ConfigError(f"{key} is required and has no value: set it on the command line ({key}=...)") from e
+    except OmegaConfBaseException as e:  # e.g. a key added with +key=... that the schema lacks
+        raise ConfigError(one_line(e)) from e
+
+
+def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in values.items():
+        if key not in schema:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(schema[key], dict):
+            unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return unknown
 
 
 def exit_with_error(exc: BaseException) -> None:
@@ -102,14 +136,13 @@ def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:
     @functools.wraps(task)
     def run() -> None:
         from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
 
         user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             register_configs()
             task()
-        except (UserError, HydraException, OmegaConfBaseException) as e:
+        except (UserError, HydraException) as e:  # composition errors are HydraExceptions
             if user_wants_traceback:
                 raise
             exit_with_error(e)

@@ -209,12 +209,17 @@ def check_train_config(c: TrainConfig) -> None:
     o = c.optim
     if o.name != "adamw":
         raise ConfigError(f"optim.name={o.name!r} is not known: use adamw")
-    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        raise ConfigError(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr and lr > 0")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if o.schedule == Schedule.cosine and not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr} (the cosine decays to it)")
     if o.warmup_iters < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
-    if not 0.0 < c.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1), e.g. 0.9 or 0.95")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive, e.g. 1e-8")
     if c.hardware.peak_flops is not None and c.hardware.peak_flops <= 0:
         raise ConfigError(f"hardware.peak_flops={c.hardware.peak_flops} must be positive, or null")
     if c.logger.mode not in (None, "online", "offline", "disabled"):

@@ -21,6 +21,7 @@ GPU_PEAK_FLOPS = [
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 125e12),
     ("A10", 125e12),
@@ -74,16 +75,17 @@ def resolve(cfg: HardwareConfig) -> Hardware:
     dtype = DType(cfg.dtype)
     if dtype == DType.auto:
         if device == Device.cuda:
-            dtype = DType.bfloat16 if torch.cuda.is_bf16_supported() else DType.float16
+            # native bf16 only (Ampere and newer): T4/V100 only emulate it, slowly; they get fp16
+            dtype = DType.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else DType.float16
         else:
             dtype = DType.float32
     if device == Device.cpu and dtype == DType.float16:
         raise ConfigError("hardware.dtype=float16 is not supported on cpu: use float32 or bfloat16")
     torch_dtype = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}[dtype]
 
-    if device == Device.cuda and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device == Device.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
 
     compile_model = cfg.compile if cfg.compile is not None else device == Device.cuda
     peak = cfg.peak_flops

@@ -15,8 +15,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt.cli import user_errors
-from nanogpt.config import GPT2_NAMES, ConfigError, TrainConfig, check_train_config
+from nanogpt.cli import to_object, user_errors
+from nanogpt.config import ConfigError, TrainConfig, check_train_config
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -25,27 +25,25 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     if not (isinstance(schema, type) and issubclass(schema, TrainConfig)):
         schema = TrainConfig
     task_cfg = {k: v for k, v in cfg.items() if k != "hydra"} if "hydra" in cfg else cfg
-    try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), task_cfg))
-    except Exception as e:
-        from omegaconf.errors import MissingMandatoryValue
-
-        if isinstance(e, MissingMandatoryValue):
-            key = getattr(e, "full_key", "") or str(e)
-            raise ConfigError(f"{key} is required and has no value: set it on the command line ({key}=...)") from e
-        raise
+    config = to_object(task_cfg, schema)
     check_train_config(config)
-    check_init_from(config.init_from)
     return config
 
 
-def check_init_from(init_from: str) -> None:
-    if init_from == "scratch" or init_from in GPT2_NAMES:
+def check_init_from(config: TrainConfig) -> None:
+    """init_from exists, and the model group describes its weights (read without loading them)."""
+    if config.init_from == "scratch":
         return
-    if not Path(init_from).expanduser().exists():
-        raise ConfigError(
-            f"init_from={init_from!r} is not scratch, a GPT-2 name ({', '.join(GPT2_NAMES)}) or an existing path"
-        )
+    from nanogpt import weights
+
+    weights.check_matches(config.model, weights.peek_model_config(config.init_from), config.init_from)
+
+
+def check_hardware(config: TrainConfig) -> None:
+    """The device the config asks for exists, and the dtype works there."""
+    from nanogpt import hardware
+
+    hardware.resolve(config.hardware)
 
 
 def check_data_and_vocab(config: TrainConfig) -> dict:
@@ -79,6 +77,8 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with user_errors():
             train_config = to_train_config(config)
+            check_init_from(train_config)
+            check_hardware(train_config)
             if self.check_data:
                 check_data_and_vocab(train_config)
 

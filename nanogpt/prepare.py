@@ -11,20 +11,10 @@ the task runs, so --help and --cfg job answer at once.
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import ConfigError, PrepareConfig
-
-
-def to_prepare_config(cfg: DictConfig) -> PrepareConfig:
-    from omegaconf.errors import MissingMandatoryValue
-
-    try:
-        return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as e:  # data=text without data.source
-        key = getattr(e, "full_key", "") or str(e)
-        raise ConfigError(f"{key} is required and has no value: set it on the command line ({key}=...)") from e
+from nanogpt.cli import config_dir, hydra_entrypoint, to_object, user_errors
+from nanogpt.config import PrepareConfig
 
 
 @hydra.main(config_path=str(config_dir()), config_name="prepare", version_base="1.3")
@@ -34,7 +24,7 @@ def _prepare(cfg: DictConfig) -> None:
     from nanogpt.data import is_prepared, prepare
 
     with user_errors():
-        config = to_prepare_config(cfg)
+        config: PrepareConfig = to_object(cfg)
         data = config.data
         existed = is_prepared(data.dir) and not config.force
         meta = prepare(data, force=config.force)

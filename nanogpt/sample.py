@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import GPT2_NAMES, SampleConfig, UserError
+from nanogpt.cli import config_dir, hydra_entrypoint, to_object, user_errors
+from nanogpt.config import SampleConfig, UserError
 
 log = logging.getLogger("nanogpt")
 
@@ -23,12 +23,7 @@ def read_prompt(cfg: SampleConfig) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def check_init_from(cfg: SampleConfig) -> None:
-    if cfg.init_from not in GPT2_NAMES and not Path(cfg.init_from).expanduser().exists():
-        raise UserError(
-            f"init_from={cfg.init_from!r} is not a run dir, a checkpoint file, a HF dir or a GPT-2 name "
-            f"({', '.join(GPT2_NAMES)})"
-        )
+def check_options(cfg: SampleConfig) -> None:
     if cfg.checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint={cfg.checkpoint!r} must be best or last")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0:
@@ -65,17 +60,12 @@ def sample(cfg: SampleConfig) -> list[str]:
     import torch
 
     from nanogpt import hardware, weights
-    from nanogpt.checkpoint import find_in_run_dir
     from nanogpt.model import GPT
 
-    check_init_from(cfg)
+    check_options(cfg)
     prompt = read_prompt(cfg)
     hw = hardware.resolve(cfg.hardware)
-    source = cfg.init_from
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        source = str(find_in_run_dir(path, cfg.checkpoint))
-    pretrained = weights.load(source)
+    pretrained = weights.load(cfg.init_from, which=cfg.checkpoint)
     tokenizer = load_tokenizer(cfg, pretrained)
 
     model = GPT(pretrained.model_config)
@@ -104,7 +94,7 @@ def sample(cfg: SampleConfig) -> list[str]:
 @hydra.main(config_path=str(config_dir()), config_name="sample", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     with user_errors():
-        config: SampleConfig = OmegaConf.to_object(cfg)
+        config: SampleConfig = to_object(cfg)
         for text in sample(config):
             print(text)
             print("---------------")

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import ConfigError, TrainConfig
+from nanogpt.config import TrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -44,11 +44,7 @@ def build_model(config: TrainConfig, data_meta: dict):
 
     pretrained = weights.load(config.init_from)
     weights.check_matches(config.model, pretrained.model_config, config.init_from)
-    if pretrained.data_meta and pretrained.data_meta.get("encoding") != data_meta.get("encoding"):
-        raise ConfigError(
-            f"init_from={config.init_from} was trained with the {pretrained.data_meta.get('encoding')!r} tokenizer "
-            f"but data={config.data.name} uses {data_meta.get('encoding')!r}: pick a dataset with the same encoding"
-        )
+    weights.check_tokenizer(pretrained, data_meta, config.init_from, config.data.name)
     model = GPT(replace(pretrained.model_config, dropout=config.model.dropout))
     model.load_state_dict(pretrained.state_dict)
     if config.model.block_size < model.config.block_size:
@@ -90,8 +86,8 @@ def build_training(config: TrainConfig, data_meta: dict) -> Training:
     if hw.compile:
         log.info("compiling the model (the first steps are slow)")
         model = torch.compile(raw_model)
-    if hw.peak_flops is None:
-        hw.peak_flops = hardware.measure_peak_flops(hw.device)
+    if hw.peak_flops is None:  # measured in the dtype the matmuls of training run in
+        hw.peak_flops = hardware.measure_peak_flops(hw.device, hw.dtype)
     return Training(hw, raw_model, model, optimizer, scaler, data_rng)
 
 
@@ -161,42 +157,35 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
         model.train()
         return losses
 
-    def save(name: str, step: int, best_val_loss: float) -> None:
-        checkpoint.save(
-            {
-                "model": raw_model.state_dict(),
-                "model_config": checkpoint.model_config_to_dict(raw_model.config),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "best_val_loss": best_val_loss,
-                "data_meta": data_meta,
-                "config": json_dumps(resolved_config),
-            },
-            run_dir / "checkpoints" / f"{name}.pt",
-        )
+    def save(step: int, improved: bool) -> None:
+        last = run_dir / "checkpoints" / "last.pt"
+        checkpoint.save(checkpoint.training_payload(t, step, best_val_loss, data_meta, resolved_config), last)
+        if improved:
+            checkpoint.link_as(last, run_dir / "checkpoints" / "best.pt")
 
     metrics = Metrics(run_dir, config.logger, resolved_config)
-    # hoisted out of the loop: attribute lookups on plain locals only in the hot path
+    # plain locals for the hot path: no config lookups or recomputation between log lines
     max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
-    grad_clip, optim_cfg = config.optim.grad_clip, config.optim
-    step, best_val_loss, last_eval = 0, float("inf"), {}
+    eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
+    flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step
+    step, best_val_loss, last_eval, saved = 0, float("inf"), {}, False
     batch = train_batches.next_batch()
     t_last, steps_since_log = time.perf_counter(), 0
     try:
         while True:
-            if step % config.eval_interval == 0 or step == max_iters or config.eval_only:
+            if step % eval_interval == 0 or step == max_iters or eval_only:
                 last_eval = evaluate()
                 metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
-                improved = last_eval["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, last_eval["val"])
                 log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
-                if config.save_checkpoints and step > 0 and not config.eval_only:
-                    save("last", step, best_val_loss)
-                    if improved:
-                        save("best", step, best_val_loss)
-                t_last = time.perf_counter()  # evaluation time is not training time
-            if step >= max_iters or config.eval_only:
+                # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
+                if step > 0 and not eval_only:
+                    improved = last_eval["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, last_eval["val"])
+                    if config.save_checkpoints:
+                        save(step, improved)
+                        saved = True
+                t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
+            if step >= max_iters or eval_only:
                 break
 
             lr = learning_rate(step, optim_cfg)
@@ -211,25 +200,22 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since_log
                 t_last, steps_since_log = now, 0
-                tokens_per_s = tokens_per_step / dt
-                mfu = raw_model.estimate_mfu(tokens_per_s, config.block_size, hw.peak_flops)
-                metrics.log(step, "train", loss=train_loss, lr=lr, ms_per_iter=dt * 1e3, tokens_per_s=tokens_per_s, mfu=mfu)
+                mfu = flops_per_step / dt / hw.peak_flops
+                metrics.log(step, "train", loss=train_loss, lr=lr, ms_per_iter=dt * 1e3,
+                            tokens_per_s=tokens_per_step / dt, mfu=mfu)
                 log.info(
                     f"iter {step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
-                    f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                    f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
                 )
     finally:
         metrics.close()
 
-    saved = f"; checkpoints in {run_dir / 'checkpoints'}" if config.save_checkpoints and not config.eval_only else ""
-    log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}{saved}")
-    return {"step": step, "best_val_loss": best_val_loss, **{f"{k}_loss": v for k, v in last_eval.items()}}
-
-
-def json_dumps(obj) -> str:
-    import json
-
-    return json.dumps(obj, default=str)
+    result = {"step": step, **{f"{k}_loss": v for k, v in last_eval.items()}}
+    if step > 0 and not eval_only:
+        result["best_val_loss"] = best_val_loss
+        where = f"; checkpoints in {run_dir / 'checkpoints'}" if saved else ""
+        log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}{where}")
+    return result
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")

@@ -11,6 +11,7 @@ Everything is read with safetensors or `torch.load(weights_only=True)`: no pickl
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ import torch
 
 from nanogpt import checkpoint
 from nanogpt.config import GPT2_NAMES, Activation, ModelConfig, UserError
+
+log = logging.getLogger(__name__)
+
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored transposed relative to nn.Linear.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -37,29 +42,66 @@ def gpt2_meta() -> dict:
     return {"encoding": "gpt2", "vocab_size": 50257, "eot_token": 50256}
 
 
-def load(init_from: str) -> Pretrained:
+def locate(init_from: str, which: str = "best") -> Path | str:
+    """Where init_from's weights are: a GPT-2 name as it is, else the HF dir or checkpoint file.
+    A run dir of ours resolves to its checkpoints/{which}.pt."""
     if init_from in GPT2_NAMES:
-        return load_hf_dir(_download_gpt2(init_from), source=f"{init_from} (HuggingFace hub)")
+        return init_from
     path = Path(init_from).expanduser()
     if not path.exists():
         raise UserError(
-            f"init_from={init_from!r} is neither scratch, a GPT-2 name ({', '.join(GPT2_NAMES)}) nor an existing path"
+            f"init_from={init_from!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a HF dir, a run dir or a "
+            f"checkpoint file that exists"
         )
-    if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_dir(path, source=str(path))
-    if path.is_dir():
-        path = checkpoint.find_in_run_dir(path)
-    payload = checkpoint.load_file(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        return checkpoint.find_in_run_dir(path, which)
+    return path
+
+
+def peek_model_config(init_from: str, which: str = "best") -> ModelConfig:
+    """The architecture of init_from's weights, without downloading or loading them (a checkpoint
+    file is memory-mapped, so only its small metadata is read)."""
+    where = locate(init_from, which)
+    if isinstance(where, str):
+        n_layer, n_head, n_embd = GPT2_SHAPES[where]
+        return ModelConfig(n_layer, n_head, n_embd, block_size=1024, vocab_size=50257, activation=Activation.gelu_tanh)
+    if where.is_dir():
+        return _hf_model_config(where)
+    return _model_config_of(checkpoint.load_file(where), where)
+
+
+def load(init_from: str, which: str = "best") -> Pretrained:
+    where = locate(init_from, which)
+    if isinstance(where, str):
+        return load_hf_dir(_download_gpt2(where), source=f"{where} (HuggingFace hub)")
+    if where.is_dir():
+        return load_hf_dir(where, source=str(where))
+    payload = checkpoint.load_file(where)
+    config = _model_config_of(payload, where)
     if checkpoint.is_ours(payload):
-        return Pretrained(
-            model_config=checkpoint.model_config_from_dict(payload["model_config"]),
-            state_dict=payload["model"],
-            data_meta=payload.get("data_meta"),
-            source=str(path),
-            payload=payload,
-        )
+        return Pretrained(config, payload["model"], payload.get("data_meta"), str(where), payload)
+    # nanoGPT: torch.compile'd models save their keys with an `_orig_mod.` prefix
+    state_dict = {re.sub(r"^_orig_mod\.", "", k): v for k, v in payload["model"].items()}
+    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
+    return Pretrained(config, state_dict, None, f"{where} (nanoGPT checkpoint)", payload)
+
+
+def _model_config_of(payload: dict, path: Path) -> ModelConfig:
+    if checkpoint.is_ours(payload):
+        return checkpoint.model_config_from_dict(payload["model_config"])
     if isinstance(payload, dict) and "model_args" in payload and "model" in payload:
-        return load_nanogpt_payload(payload, source=str(path))
+        # Karpathy's nanoGPT ckpt.pt: {'model', 'model_args', 'optimizer', 'iter_num', ...}; exact GELU
+        args = payload["model_args"]
+        return ModelConfig(
+            n_layer=args["n_layer"],
+            n_head=args["n_head"],
+            n_embd=args["n_embd"],
+            block_size=args["block_size"],
+            vocab_size=args["vocab_size"],
+            dropout=float(args.get("dropout", 0.0)),
+            bias=bool(args.get("bias", True)),
+            activation=Activation.gelu,
+        )
     raise UserError(f"{path} is neither our checkpoint nor a nanoGPT ckpt.pt (no 'format' or 'model_args' key)")
 
 
@@ -77,15 +119,14 @@ def _download_gpt2(name: str) -> Path:
         ) from e
 
 
-def load_hf_dir(path: Path, source: str) -> Pretrained:
-    """A transformers GPT2LMHeadModel saved with save_pretrained (or downloaded from the hub)."""
+def _hf_model_config(path: Path) -> ModelConfig:
     hf = json.loads((path / "config.json").read_text())
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path} holds a {hf.get('model_type')!r} model; only GPT-2 checkpoints load")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         raise UserError(f"{path}: activation_function={activation!r} is not supported (gelu_new or gelu)")
-    config = ModelConfig(
+    return ModelConfig(
         n_layer=hf["n_layer"],
         n_head=hf["n_head"],
         n_embd=hf["n_embd"],
@@ -95,6 +136,11 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
         bias=True,
         activation=Activation.gelu if activation == "gelu" else Activation.gelu_tanh,
     )
+
+
+def load_hf_dir(path: Path, source: str) -> Pretrained:
+    """A transformers GPT2LMHeadModel saved with save_pretrained (or downloaded from the hub)."""
+    config = _hf_model_config(path)
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -116,27 +162,6 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
     return Pretrained(config, state_dict, gpt2_meta(), source)
 
 
-def load_nanogpt_payload(payload: dict, source: str) -> Pretrained:
-    """Karpathy's nanoGPT ckpt.pt: {'model', 'model_args', 'optimizer', 'iter_num', ...}.
-
-    torch.compile'd models save their keys with an `_orig_mod.` prefix; nanoGPT's GELU is exact.
-    """
-    args = payload["model_args"]
-    config = ModelConfig(
-        n_layer=args["n_layer"],
-        n_head=args["n_head"],
-        n_embd=args["n_embd"],
-        block_size=args["block_size"],
-        vocab_size=args["vocab_size"],
-        dropout=float(args.get("dropout", 0.0)),
-        bias=bool(args.get("bias", True)),
-        activation=Activation.gelu,
-    )
-    state_dict = {re.sub(r"^_orig_mod\.", "", k): v for k, v in payload["model"].items()}
-    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
-    return Pretrained(config, state_dict, data_meta=None, source=f"{source} (nanoGPT checkpoint)", payload=payload)
-
-
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation")
 
 
@@ -156,4 +181,24 @@ def check_matches(configured: ModelConfig, loaded: ModelConfig, init_from: str) 
         raise UserError(
             f"model.block_size={configured.block_size} exceeds the {loaded.block_size} positions of "
             f"init_from={init_from}: set model.block_size<={loaded.block_size}"
+        )
+
+
+def check_tokenizer(pretrained: Pretrained, data_meta: dict, init_from: str, data_name: str) -> None:
+    """The data must be tokenized the way the weights were trained: same encoding, and for a char
+    vocabulary the same characters in the same order (else every id would mean another char)."""
+    if pretrained.model_config.vocab_size < data_meta["vocab_size"]:
+        raise UserError(
+            f"data={data_name} has {data_meta['vocab_size']} tokens but init_from={init_from} only "
+            f"{pretrained.model_config.vocab_size}: train on data with the tokenizer of those weights"
+        )
+    theirs = pretrained.data_meta
+    if theirs is None:
+        log.warning(f"init_from={init_from} does not record its tokenizer: make sure data={data_name} uses it")
+        return
+    if theirs.get("encoding") != data_meta.get("encoding") or theirs.get("chars") != data_meta.get("chars"):
+        what = "characters" if data_meta.get("encoding") == "char" else "tokenizer"
+        raise UserError(
+            f"init_from={init_from} was trained with another {what} ({theirs.get('encoding')}) than "
+            f"data={data_name} ({data_meta.get('encoding')}): train on data with the same tokenizer"
         )
