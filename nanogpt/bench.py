@@ -46,8 +46,12 @@ def run_benchmark(config: BenchConfig) -> dict:
     if b.real_data:
         data_meta = check_data_and_vocab(config)
     else:
-        # random tokens: the model's own vocab, or GPT-2's padded one as nanoGPT's bench.py uses
-        data_meta = {"vocab_size": config.model.vocab_size or 50304}
+        # random tokens: the vocab training would use (the model's, else the prepared data's), else
+        # GPT-2's padded one as nanoGPT's bench.py uses
+        from nanogpt.data import is_prepared, load_meta
+
+        vocab = config.model.vocab_size or (load_meta(config.data.dir)["vocab_size"] if is_prepared(config.data.dir) else 50304)
+        data_meta = {"vocab_size": vocab}
     t = build_training(config, data_meta)
     hw, raw_model = t.hw, t.raw_model
     batch_args = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng)
@@ -67,7 +71,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         return loss
 
     log.info(
-        f"benchmarking {raw_model.get_num_params() / 1e6:.2f}M parameters, "
+        f"benchmarking {raw_model.get_num_params() / 1e6:.2f}M parameters (vocab {raw_model.config.vocab_size}), "
         f"{config.batch_size} x {config.block_size} x {config.grad_accum} tokens per step, {hw.describe()}, "
         f"{'real' if b.real_data else 'random'} data"
     )

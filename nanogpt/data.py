@@ -227,8 +227,16 @@ def _check_existing(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
             f"data.dir={cfg.dir} holds data tokenized with {meta['encoding']}, but data.encoding={cfg.encoding}: "
             f"point data.dir elsewhere, or re-prepare it (nanogpt-prepare ... force=true)"
         )
-    if meta.get("source") not in (None, cfg.source):
-        log.warning("%s was prepared from %s, not data.source=%s: using it as it is", out, meta["source"], cfg.source)
+    # The same data.dir with another source or split would silently train on the old data.
+    asked = {"source": cfg.source, "val_fraction": cfg.val_fraction}
+    if meta.get("format") == DataFormat.hf.value:
+        asked["split_seed"] = cfg.split_seed
+    for key, value in asked.items():
+        if key in meta and meta[key] != value and "converted_from" not in meta:
+            raise ConfigError(
+                f"data.dir={cfg.dir} was prepared with data.{key}={meta[key]}, not {value}: point data.dir "
+                f"elsewhere, or re-prepare it (nanogpt-prepare ... force=true)"
+            )
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         size = (out / f"{split}.bin").stat().st_size

@@ -39,10 +39,8 @@ class Metrics:
 
 
 def _start_wandb(run_dir: Path, cfg: LoggerConfig, config_dict: dict):
-    try:
-        import wandb
-    except ImportError as e:
-        raise UserError("logger=wandb needs the wandb package: pip install wandb") from e
+    import wandb  # imported only when used: it takes a second
+
     try:
         return wandb.init(
             project=cfg.project,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -19,8 +18,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused_supported = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
-    fused = fused_supported if cfg.fused is None else cfg.fused
+    fused = device_type == "cuda" if cfg.fused is None else cfg.fused  # the fused kernel is CUDA-only
     extra = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
 

@@ -29,8 +29,8 @@ def _prepare(cfg: DictConfig) -> None:
         existed = is_prepared(data.dir) and not config.force
         meta = prepare(data, force=config.force)
     out = Path(data.dir)
-    state = "already prepared (force=true redoes it)" if existed else "prepared"
-    print(f"{data.name}: {state} in {out}")
+    if existed:  # a fresh prepare has already logged its one-line summary
+        print(f"{data.name}: already prepared in {out} (force=true prepares it again)")
     print(f"  vocab {meta['vocab_size']:,} ({meta['encoding']}), {meta['dtype']} tokens")
     print(f"  train {meta['train_tokens']:,} tokens: {out / 'train.bin'}")
     print(f"  val   {meta['val_tokens']:,} tokens: {out / 'val.bin'}")

@@ -288,6 +288,7 @@ def meta_from_nanogpt_pickle(path: str | os.PathLike) -> dict[str, Any]:
         "format_version": META_FORMAT_VERSION,
         "name": path.parent.name,
         "source": str(path),
+        "converted_from": "nanoGPT meta.pkl",  # its text source and split are unknown
         **tok.meta(),
         "dtype": "uint16",
     }

@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -530,3 +531,15 @@ def test_prepare_module_imports_no_heavy_libraries():
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_prepared_dir_is_not_reused_for_other_data(tmp_path, shakespeare_path):
+    """The same data.dir asked for another source or split is an error, not the old data."""
+    cfg = DataConfig(name="s", source=str(shakespeare_path), dir=str(tmp_path / "d"), encoding="char")
+    prepare(cfg)
+    other = tmp_path / "other.txt"
+    other.write_text("some other text\n" * 100)
+    for changed in (replace(cfg, val_fraction=0.2), replace(cfg, source=str(other))):
+        with pytest.raises(ConfigError, match="was prepared with data.(val_fraction|source)=.*force=true"):
+            ensure_prepared(changed)
+    assert prepare(replace(cfg, val_fraction=0.2), force=True)["val_tokens"] == 223079

@@ -61,6 +61,8 @@ def test_checkpoint_holds_what_resume_and_sampling_need(char_run):
     import torch
 
     _, run_dir, _ = char_run
+    # val loss fell at steps 10 and 20: best.pt is the last one, as a second name of the same file
+    assert (run_dir / "checkpoints/best.pt").samefile(run_dir / "checkpoints/last.pt")
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 20 and ckpt["format"] == "nanogpt-checkpoint"
     assert ckpt["model_config"]["n_layer"] == 4 and ckpt["data_meta"]["vocab_size"] == 65
@@ -90,9 +92,9 @@ def test_sample_prompt_from_file_and_missing_file(char_run, tmp_path):
     assert_one_line_error(missing, "prompt_file=nope.txt does not exist")
 
 
-def test_finetune_from_our_run_dir(char_run):
+def test_finetune_from_our_run_dir(char_run, shakespeare_path):
     cwd, run_dir, _ = char_run
-    result = run_cli("nanogpt.train", f"init_from={run_dir}", "max_iters=5", "eval_interval=5", "eval_iters=2",
+    result = run_cli("nanogpt.train", f"init_from={run_dir}", f"data.source={shakespeare_path}", "max_iters=5", "eval_interval=5", "eval_iters=2",
                      "optim.warmup_iters=0", "hydra.run.dir=outputs/finetune/run", cwd=cwd)
     assert result.returncode == 0, result.stderr
     assert f"initialised from {run_dir}/checkpoints/best.pt" in result.stdout
@@ -101,13 +103,22 @@ def test_finetune_from_our_run_dir(char_run):
     first = lambda path: json.loads(path.read_text().splitlines()[0])  # noqa: E731
     source_start = first(run_dir / "metrics.jsonl")["val_loss"]
     assert first(cwd / "outputs/finetune/run/metrics.jsonl")["val_loss"] < source_start - 0.3
-    mismatch = run_cli("nanogpt.train", f"init_from={run_dir}", "model.n_layer=2", cwd=cwd)
+    mismatch = run_cli("nanogpt.train", f"init_from={run_dir}", f"data.source={shakespeare_path}", "model.n_layer=2",
+                       cwd=cwd)
     assert_one_line_error(mismatch, "set model.n_layer=4")
+    assert not (cwd / "outputs" / "finetune" / "run2").exists()
+
+    # another char vocabulary: every id would mean another character
+    other = cwd / "other.txt"
+    other.write_text("Zebras quietly jumped over lazy dogs!\n" * 2000)
+    refused = run_cli("nanogpt.train", f"init_from={run_dir}", "data=text", f"data.source={other}",
+                      "data.dir=data/other", cwd=cwd)
+    assert_one_line_error(refused, "was trained with another characters")
 
 
-def test_bench_prints_speed_and_mfu(char_run, tmp_path):
+def test_bench_prints_speed_and_mfu(char_run, tmp_path, shakespeare_path):
     cwd, _, _ = char_run
-    real = run_cli("nanogpt.bench", "bench.steps=3", "bench.warmup_steps=1", cwd=cwd)
+    real = run_cli("nanogpt.bench", f"data.source={shakespeare_path}", "bench.steps=3", "bench.warmup_steps=1", cwd=cwd)
     assert real.returncode == 0, real.stderr
     assert "ms/iter" in real.stdout and "tokens/s" in real.stdout and "MFU" in real.stdout
     synthetic = run_cli("nanogpt.bench", "bench.real_data=false", "bench.steps=2", "bench.warmup_steps=1",
