@@ -77,7 +77,7 @@ def sample(cfg: SampleConfig) -> list[str]:
             f"set tokenizer= to the one the model was trained with"
         )
 
-    ids = tokenizer.encode(prompt)
+    ids = getattr(tokenizer, "encode_prompt", tokenizer.encode)(prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization: give at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=hw.device)[None, :]

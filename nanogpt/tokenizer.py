@@ -103,6 +103,11 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt may ask for the end-of-text token by name (as nanoGPT's sample.py allows):
+        "<|endoftext|>" there is the one special token, e.g. to sample unconditionally."""
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"} & self.enc.special_tokens_set)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.enc.decode(list(ids))
 

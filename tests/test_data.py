@@ -543,3 +543,9 @@ def test_a_prepared_dir_is_not_reused_for_other_data(tmp_path, shakespeare_path)
         with pytest.raises(ConfigError, match="was prepared with data.(val_fraction|source)=.*force=true"):
             ensure_prepared(changed)
     assert prepare(replace(cfg, val_fraction=0.2), force=True)["val_tokens"] == 223079
+
+
+def test_prompts_may_name_the_end_of_text_token(gpt2_tiktoken):
+    gpt2 = tok.TiktokenTokenizer("gpt2")
+    assert gpt2.encode_prompt("<|endoftext|>") == [50256]  # as nanoGPT's sample.py
+    assert len(gpt2.encode("<|endoftext|>")) > 1  # data is never special
