@@ -120,18 +120,22 @@ def _download_gpt2(name: str) -> Path:
 
 
 def _hf_model_config(path: Path) -> ModelConfig:
-    hf = json.loads((path / "config.json").read_text())
+    try:
+        hf = json.loads((path / "config.json").read_text())
+        shape = {k: hf[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path / 'config.json'} is not a GPT-2 config ({e.__class__.__name__}: {e})") from e
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path} holds a {hf.get('model_type')!r} model; only GPT-2 checkpoints load")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         raise UserError(f"{path}: activation_function={activation!r} is not supported (gelu_new or gelu)")
     return ModelConfig(
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        block_size=shape["n_positions"],
+        vocab_size=shape["vocab_size"],
         dropout=0.0,
         bias=True,
         activation=Activation.gelu if activation == "gelu" else Activation.gelu_tanh,
