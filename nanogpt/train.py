@@ -157,7 +157,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
         model.train()
         return losses
 
-    def save(step: int, improved: bool) -> None:
+    def save(step: int, best_val_loss: float, improved: bool) -> None:
         last = run_dir / "checkpoints" / "last.pt"
         checkpoint.save(checkpoint.training_payload(t, step, best_val_loss, data_meta, resolved_config), last)
         if improved:
@@ -182,7 +182,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                     improved = last_eval["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, last_eval["val"])
                     if config.save_checkpoints:
-                        save(step, improved)
+                        save(step, best_val_loss, improved)
                         saved = True
                 t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
             if step >= max_iters or eval_only:

@@ -178,7 +178,7 @@ DOCS = [f"Document {i}: {'lorem ipsum ' * (i % 5)}the end.\n" for i in range(20)
 def test_hf_dataset_split_by_document_with_eot(tmp_path, monkeypatch, gpt2_tiktoken, as_dict):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="the dev extra installs datasets")
     import tiktoken
 
     docs = datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))})
@@ -199,7 +199,7 @@ def test_hf_dataset_split_by_document_with_eot(tmp_path, monkeypatch, gpt2_tikto
 
 @pytest.mark.slow
 def test_hf_dataset_tokenized_in_worker_processes(tmp_path, gpt2_tiktoken):
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="the dev extra installs datasets")
     docs = [f"doc {i} " + "word " * (i % 50) for i in range(3000)]  # enough documents for 2 processes
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "hf"))
     cfg = data_config(tmp_path, tmp_path / "hf", format=DataFormat.hf, encoding="gpt2", val_fraction=0.01,
@@ -212,7 +212,7 @@ def test_hf_dataset_tokenized_in_worker_processes(tmp_path, gpt2_tiktoken):
 
 
 def test_hf_dataset_errors(tmp_path, gpt2_tiktoken):
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="the dev extra installs datasets")
     datasets.Dataset.from_dict({"body": ["no text column"] * 4}).save_to_disk(str(tmp_path / "hf"))
     with pytest.raises(UserError, match=r"has no 'text' column, only \['body'\]"):
         prepare(data_config(tmp_path, tmp_path / "hf", format=DataFormat.hf, encoding="gpt2"))
