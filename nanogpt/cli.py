@@ -43,6 +43,9 @@ def register_configs() -> None:
     from nanogpt.config import register_schemas
 
     register_schemas()
+    # run dirs are named by time and pid: two runs started in the same second never share one
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", os.getpid)
     cs = ConfigStore.instance()
     for path in sorted(experiments_dir().glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")

@@ -224,11 +224,24 @@ def _main(cfg: DictConfig) -> dict:
 
     from nanogpt.preflight import check_data_and_vocab, to_train_config
 
+    from nanogpt.provenance import RunRecord
+
     with user_errors():
         config = to_train_config(cfg)
         data_meta = check_data_and_vocab(config)  # done before the run dir was made; cheap now
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        return train(config, run_dir, data_meta, OmegaConf.to_container(cfg, resolve=True))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        record = RunRecord(run_dir, config.seed, OmegaConf.to_yaml(resolved))
+        try:
+            result = train(config, run_dir, data_meta, resolved)
+        except Exception:
+            record.finish("failed")
+            raise
+        except BaseException:  # Ctrl-C, or a signal that ended the process
+            record.finish("preempted")
+            raise
+        record.finish("done")
+        return result
 
 
 main = hydra_entrypoint(_main)

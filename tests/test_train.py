@@ -57,6 +57,41 @@ def test_default_recipe_trains_and_leaves_a_run_dir(char_run):
     assert (cwd / "data" / "shakespeare_char" / "meta.json").is_file()  # prepared on the fly
 
 
+def test_run_dir_records_what_ran(char_run):
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    cwd, run_dir, _ = char_run
+    resolved = OmegaConf.load(run_dir / "config.resolved.yaml")
+    assert resolved.data.dir == "data/shakespeare_char" and resolved.optim.decay_iters == 20  # no ${...} left
+    record = json.loads((run_dir / "provenance.json").read_text())
+    assert record["status"] == "done" and record["end_time"] and (run_dir / "DONE").is_file()
+    assert record["seed"] == 1337 and record["world_size"] == 1 and "max_iters=20" in record["argv"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a checkout: the record names its commit
+        assert record["git"]["commit"] == head.stdout.strip() and "diff" in record["git"]
+    assert record["versions"]["torch"] and record["versions"]["hydra-core"]
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path, shakespeare_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = [sys.executable, "-m", "nanogpt.train", f"data.source={shakespeare_path}", "max_iters=1", "eval_iters=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_cli("nanogpt.prepare", f"data.source={shakespeare_path}", cwd=tmp_path)  # both find the data ready
+    procs = [subprocess.Popen([*args, f"seed={seed}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read() for p in procs]
+    runs = sorted(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
+    assert len(runs) == 2
+    assert sorted(json.loads((r / "provenance.json").read_text())["seed"] for r in runs) == [1, 2]
+
+
 def test_checkpoint_holds_what_resume_and_sampling_need(char_run):
     import torch
 
@@ -204,3 +239,18 @@ def test_eval_gpt2_recipe_on_local_weights(tmp_path, tiny_hf_gpt2_dir, shakespea
     sampled = run_cli("nanogpt.sample", f"init_from={tiny_hf_gpt2_dir}", "prompt='Hello, world'", "num_samples=1",
                       "max_new_tokens=5", cwd=tmp_path)
     assert sampled.returncode == 0 and sampled.stdout.startswith("Hello, world"), sampled.stderr
+
+
+def test_secrets_in_the_environment_never_reach_the_run_dir(tmp_path, shakespeare_path):
+    import uuid
+
+    # made at run time: a literal here would sit in the git diff that provenance.json records
+    secrets = {"WANDB_API_KEY": uuid.uuid4().hex + uuid.uuid4().hex[:8], "HF_TOKEN": f"hf_{uuid.uuid4().hex}"}
+    result = run_cli("nanogpt.train", f"data.source={shakespeare_path}", "max_iters=2", "eval_iters=1",
+                     "logger=wandb", "logger.mode=offline", cwd=tmp_path, env=secrets)
+    assert result.returncode == 0, result.stderr
+    files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert any(p.name == "provenance.json" for p in files) and any("wandb" in p.parts for p in files)
+    for path in files:
+        content = path.read_bytes()
+        assert not any(value.encode() in content for value in secrets.values()), path
