@@ -13,6 +13,7 @@ evaluation and best.pt when the val loss improves.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
 from nanogpt.config import TrainConfig
+from nanogpt.signals import StopRequest
 
 if TYPE_CHECKING:
     import torch
@@ -168,54 +170,72 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
     eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
     flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step
-    step, best_val_loss, last_eval, saved = 0, float("inf"), {}, False
+    step, best_val_loss, last_eval, saved, stopped_by = 0, float("inf"), {}, False, None
     batch = train_batches.next_batch()
     t_last, steps_since_log = time.perf_counter(), 0
-    try:
-        while True:
-            if step % eval_interval == 0 or step == max_iters or eval_only:
-                last_eval = evaluate()
-                metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
-                log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
-                # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
-                if step > 0 and not eval_only:
-                    improved = last_eval["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, last_eval["val"])
+    with StopRequest() as stop:  # a signal only asks; the loop stops at the next step boundary
+        try:
+            while True:
+                if step % eval_interval == 0 or step == max_iters or eval_only:
+                    last_eval = evaluate()
+                    metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
+                    log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
+                    # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
+                    if step > 0 and not eval_only:
+                        improved = last_eval["val"] < best_val_loss
+                        best_val_loss = min(best_val_loss, last_eval["val"])
+                        if config.save_checkpoints:
+                            save(step, best_val_loss, improved)
+                            saved = True
+                    t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
+                if step >= max_iters or eval_only:
+                    break
+
+                lr = learning_rate(step, optim_cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, batch = optimizer_step(t, train_batches, batch, grad_accum, grad_clip)
+                step += 1
+                steps_since_log += 1
+
+                if step % log_interval == 0 or step == max_iters:
+                    train_loss = float(loss_sum)  # the only host sync of a training step, every log_interval
+                    now = time.perf_counter()
+                    dt = (now - t_last) / steps_since_log
+                    t_last, steps_since_log = now, 0
+                    mfu = flops_per_step / dt / hw.peak_flops
+                    metrics.log(step, "train", loss=train_loss, lr=lr, ms_per_iter=dt * 1e3,
+                                tokens_per_s=tokens_per_step / dt, mfu=mfu)
+                    log.info(
+                        f"iter {step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
+                        f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                    )
+                if stop.signal is not None and step < max_iters:  # keep this step's weights, then leave
+                    stopped_by = stop.signal
                     if config.save_checkpoints:
-                        save(step, best_val_loss, improved)
-                        saved = True
-                t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
-            if step >= max_iters or eval_only:
-                break
+                        save(step, best_val_loss, improved=False)
+                    where = f"; checkpoint in {run_dir / 'checkpoints' / 'last.pt'}" if config.save_checkpoints else ""
+                    log.info(f"stopped by {stopped_by.name} after step {step}{where}")
+                    break
+        finally:
+            metrics.close()
 
-            lr = learning_rate(step, optim_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, batch = optimizer_step(t, train_batches, batch, grad_accum, grad_clip)
-            step += 1
-            steps_since_log += 1
-
-            if step % log_interval == 0 or step == max_iters:
-                train_loss = float(loss_sum)  # the only host sync of a training step, every log_interval
-                now = time.perf_counter()
-                dt = (now - t_last) / steps_since_log
-                t_last, steps_since_log = now, 0
-                mfu = flops_per_step / dt / hw.peak_flops
-                metrics.log(step, "train", loss=train_loss, lr=lr, ms_per_iter=dt * 1e3,
-                            tokens_per_s=tokens_per_step / dt, mfu=mfu)
-                log.info(
-                    f"iter {step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
-                    f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
-                )
-    finally:
-        metrics.close()
-
-    result = {"step": step, **{f"{k}_loss": v for k, v in last_eval.items()}}
-    if step > 0 and not eval_only:
+    result = {"step": step, "stopped_by": stopped_by, **{f"{k}_loss": v for k, v in last_eval.items()}}
+    if stopped_by is None and step > 0 and not eval_only:
         result["best_val_loss"] = best_val_loss
         where = f"; checkpoints in {run_dir / 'checkpoints'}" if saved else ""
         log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}{where}")
     return result
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Did a second Ctrl-C end the run? It may surface as another error: interrupting torch.save
+    makes its zip writer raise a RuntimeError, with the KeyboardInterrupt as its context."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
@@ -234,12 +254,12 @@ def _main(cfg: DictConfig) -> dict:
         record = RunRecord(run_dir, config.seed, OmegaConf.to_yaml(resolved))
         try:
             result = train(config, run_dir, data_meta, resolved)
-        except Exception:
-            record.finish("failed")
+        except BaseException as e:
+            record.finish("preempted" if interrupted(e) else "failed")
             raise
-        except BaseException:  # Ctrl-C, or a signal that ended the process
+        if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
             record.finish("preempted")
-            raise
+            sys.exit(128 + int(result["stopped_by"]))
         record.finish("done")
         return result
 

@@ -254,3 +254,69 @@ def test_secrets_in_the_environment_never_reach_the_run_dir(tmp_path, shakespear
     for path in files:
         content = path.read_bytes()
         assert not any(value.encode() in content for value in secrets.values()), path
+
+
+def start_training(tmp_path, shakespeare_path, *args):
+    """A training subprocess, and a function that waits until it has printed a given line start."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_cli("nanogpt.prepare", f"data.source={shakespeare_path}", cwd=tmp_path)  # so training starts at once
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanogpt.train", f"data.source={shakespeare_path}", "max_iters=100000",
+         "eval_interval=100000", "eval_iters=1", *args],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def wait_for(prefix: str) -> list[str]:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                return seen
+        raise AssertionError(f"the run ended before printing {prefix!r}:\n{''.join(seen)}")
+
+    return proc, wait_for
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, shakespeare_path):
+    import signal
+
+    import torch
+
+    proc, wait_for = start_training(tmp_path, shakespeare_path)
+    wait_for("iter 5:")
+    proc.send_signal(signal.SIGTERM)
+    rest = "".join(wait_for("stopped by SIGTERM after step")) + proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, rest
+    run_dir = only_run_dir(tmp_path)
+    record = json.loads((run_dir / "provenance.json").read_text())
+    assert record["status"] == "preempted" and not (run_dir / "DONE").exists()
+    last_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == last_logged["step"] >= 5  # the step it finished, no later
+    assert not (run_dir / "checkpoints" / "best.pt").exists()  # no evaluation ranked it
+
+
+def test_a_second_ctrl_c_stops_at_once_and_corrupts_nothing(tmp_path, shakespeare_path):
+    import signal
+    import time
+
+    import torch
+
+    proc, wait_for = start_training(tmp_path, shakespeare_path, "eval_interval=3")
+    wait_for("iter 4:")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.stdout.read()
+    assert proc.wait(timeout=30) != 0
+    run_dir = only_run_dir(tmp_path)
+    assert json.loads((run_dir / "provenance.json").read_text())["status"] == "preempted"
+    for ckpt in (run_dir / "checkpoints").glob("*.pt"):  # whatever was saved is whole
+        assert torch.load(ckpt, weights_only=True)["step"] >= 3
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
