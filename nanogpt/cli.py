@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from nanogpt.config import UserError
+from nanogpt.config import ConfigError, UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -85,8 +85,6 @@ def to_object(cfg, schema: type | None = None):
     mandatory value (`???`, e.g. data=text without data.source) as a one-line ConfigError."""
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from nanogpt.config import ConfigError
 
     try:
         if schema is not None:

@@ -9,7 +9,6 @@ with the composed config, before it makes the run dir. A failed check raises a U
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback

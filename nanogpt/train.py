@@ -126,7 +126,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     from nanogpt.optim import learning_rate
 
     t = build_training(config, data_meta)
-    hw, raw_model, model, optimizer, scaler = t.hw, t.raw_model, t.model, t.optimizer, t.scaler
+    hw, raw_model, model, optimizer = t.hw, t.raw_model, t.model, t.optimizer
 
     data_dir = Path(config.data.dir)
     windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng)
