@@ -67,7 +67,8 @@ def run_benchmark(config: BenchConfig) -> dict:
         nonlocal batch
         loss = None
         for _ in range(n):
-            loss, batch = optimizer_step(t, batches, batch, config.grad_accum, config.optim.grad_clip)
+            loss, _, batch, _ = optimizer_step(t, batches, batch, config.grad_accum, config.optim.grad_clip,
+                                               config.on_nonfinite)
         return loss
 
     log.info(

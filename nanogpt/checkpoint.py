@@ -1,4 +1,4 @@
-"""Our checkpoint files: what they hold, and how they are written and read safely.
+"""Our checkpoint files: what they hold, and how they are written, verified and read safely.
 
 A checkpoint is one `torch.save`d dict of tensors and plain values (no pickled classes), so it
 loads with `weights_only=True`:
@@ -9,16 +9,28 @@ loads with `weights_only=True`:
     step            optimizer steps done      best_val_loss  float
     data_meta       the dataset's meta.json (the tokenizer travels with the weights)
     config          the run's resolved config, as JSON text
+    resume          what an exact resume needs besides: RNG states, the batch drawn for the next
+                    step, skipped steps, the wandb run id (see nanogpt/train.py)
+
+A run's `checkpoints/` dir holds `last.pt` (the newest), `best.pt` (lowest val loss) and the last
+K `step-NNNNNNNN.pt`. They are names of files written once: each save writes one new file and
+links the names to it, so `last.pt` and the newest step file cost no extra disk. Every file's
+SHA-256 and size go to `checksums.json`, so a truncated or corrupt file is found and named, and
+resuming falls back to the newest good one.
 
 Writes go to a temp file in the same dir, are fsynced, then renamed over the target: a crash
-mid-save leaves the previous file intact.
+mid-save leaves the previous files intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +42,10 @@ from nanogpt.config import Activation, ModelConfig, UserError
 
 FORMAT = "nanogpt-checkpoint"
 VERSION = 1
+CHECKSUMS = "checksums.json"
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+log = logging.getLogger("nanogpt")
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:
@@ -43,35 +59,48 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def save(payload: dict[str, Any], path: str | Path) -> None:
-    """Atomically write payload to path (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class _HashingWriter:
+    """A file that hashes what is written through it, so a checksum costs no second read."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_temp(payload: dict[str, Any], directory: Path, name: str) -> tuple[Path, dict]:
+    """Write payload to a fsynced temp file in directory. Returns it with its size and SHA-256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            writer = _HashingWriter(f)
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, writer)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp), {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
 
 
-def training_payload(t, step: int, best_val_loss: float, data_meta: dict, resolved_config: dict) -> dict:
-    """What a checkpoint of a training run (a `train.Training`) holds, as the module doc lists."""
-    return {
-        "model": t.raw_model.state_dict(),
-        "model_config": model_config_to_dict(t.raw_model.config),
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict(),
-        "step": step,
-        "best_val_loss": best_val_loss,
-        "data_meta": data_meta,
-        "config": json.dumps(resolved_config, default=str),
-    }
+def save(payload: dict[str, Any], path: str | Path) -> dict:
+    """Atomically write payload to path (temp file + fsync + rename). Returns its size and SHA-256."""
+    path = Path(path)
+    tmp, info = _write_temp(payload, path.parent, path.name)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return info
 
 
 def link_as(source: Path, target: Path) -> None:
@@ -81,8 +110,10 @@ def link_as(source: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
-    except OSError:  # a filesystem without hard links
-        shutil.copyfile(source, tmp)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
+            raise  # disk full, read-only, permissions: a copy would fail too
+        shutil.copyfile(source, tmp)  # a filesystem without hard links
     os.replace(tmp, target)
     _fsync_dir(target.parent)
 
@@ -101,14 +132,157 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_file(path: str | Path) -> dict:
-    """Load any .pt file with weights_only=True (tensors and plain containers only)."""
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permissions): the previous one is intact."""
+
+
+class CheckpointDir:
+    """A run's checkpoints/ dir: save a step under its names, and find the newest good checkpoint.
+
+    checksums.json maps each name to the SHA-256 of its file, and each SHA-256 to the file's size
+    and step. A file is recorded there before any name points to it, so every name that a crash
+    leaves behind can be checked.
+    """
+
+    def __init__(self, path: str | Path, keep_last: int = 0):
+        self.path = Path(path)
+        self.keep_last = keep_last
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def save(self, payload: dict[str, Any], step: int, best: bool) -> Path:
+        """Write the checkpoint of `step` as last.pt, plus step-N.pt (when keep_last > 0) and
+        best.pt (when `best`); drop step files beyond the newest keep_last. Returns last.pt."""
+        last = self.path / "last.pt"
+        try:
+            tmp, info = _write_temp(payload, self.path, last.name)
+            try:
+                record = self._read_checksums()
+                record["checksums"][info["sha256"]] = {"bytes": info["bytes"], "step": step}
+                _write_json(self.path / CHECKSUMS, record)
+                os.replace(tmp, last)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.path)
+            names = ["last.pt"]
+            if self.keep_last > 0:
+                link_as(last, self.path / f"step-{step:08d}.pt")
+                names.append(f"step-{step:08d}.pt")
+            if best:
+                link_as(last, self.path / "best.pt")
+                names.append("best.pt")
+            for name in names:
+                record["files"][name] = info["sha256"]
+            for old in self.step_files()[self.keep_last:]:
+                old.unlink()
+                record["files"].pop(old.name, None)
+            referenced = set(record["files"].values())
+            record["checksums"] = {k: v for k, v in record["checksums"].items() if k in referenced}
+            _write_json(self.path / CHECKSUMS, record)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {step} to {self.path} ({e.strerror or e}); the previous "
+                f"checkpoint is intact: free disk space or fix the permissions, then resume"
+            ) from e
+        return last
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temp files of saves that a crash or a kill interrupted."""
+        partial = [p for p in self.path.glob(".*.tmp") if p.is_file()]
+        for p in partial:
+            p.unlink()
+        return partial
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def step_files(self) -> list[Path]:
+        """step-N.pt files, newest first."""
+        found = [(int(m.group(1)), p) for p in self.path.glob("step-*.pt") if (m := STEP_FILE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def candidates(self) -> list[Path]:
+        """Every checkpoint file of the dir, in the order a resume tries them: last, steps, best."""
+        names = [self.path / "last.pt", *self.step_files(), self.path / "best.pt"]
+        return [p for p in names if p.is_file()]
+
+    def verify(self, path: Path) -> str | None:
+        """None if path matches its recorded size and SHA-256, else what is wrong with it.
+        A file that checksums.json does not know (written by an older version) passes here and
+        is left to torch.load's own checks."""
+        record = self._read_checksums()
+        size = path.stat().st_size
+        expected = record["checksums"].get(record["files"].get(path.name, ""))
+        if expected is not None and expected["bytes"] != size:
+            return f"it is {size:,} bytes but was written as {expected['bytes']:,} (truncated?)"
+        if not record["checksums"]:
+            return None
+        if _sha256_of(path) not in record["checksums"]:
+            return "its SHA-256 matches no checkpoint this run wrote (corrupt?)"
+        return None
+
+    def load_latest_good(self) -> tuple[dict, Path]:
+        """The newest checkpoint that passes its checks and loads; says which ones it skipped."""
+        candidates = self.candidates()
+        if not candidates:
+            raise UserError(f"{self.path} holds no checkpoint (last.pt, step-N.pt or best.pt) to resume from")
+        problems, seen = [], set()
+        for path in candidates:
+            inode = path.stat().st_ino
+            if inode in seen:  # another name of a file already tried
+                continue
+            seen.add(inode)
+            problem = self.verify(path)
+            if problem is None:
+                try:
+                    payload = load_file(path, mmap=False)  # all of it is used, and the file will be replaced
+                except UserError as e:
+                    problem = str(e)
+                else:
+                    if not is_ours(payload) or "resume" not in payload:
+                        problem = "it is not a checkpoint of a nanogpt training run"
+            if problem is None:
+                if problems:
+                    log.warning(f"{'; '.join(problems)}; resuming from {path.name} (step {payload['step']}) instead")
+                return payload, path
+            problems.append(f"{path.name} is unusable: {problem}")
+        raise UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}")
+
+    def _read_checksums(self) -> dict:
+        try:
+            record = json.loads((self.path / CHECKSUMS).read_text())
+            if isinstance(record.get("files"), dict) and isinstance(record.get("checksums"), dict):
+                return record
+        except (OSError, ValueError, AttributeError):
+            pass
+        return {"files": {}, "checksums": {}}
+
+
+def load_file(path: str | Path, mmap: bool = True) -> dict:
+    """Load any .pt file with weights_only=True (tensors and plain containers only). mmap: tensors
+    are paged in when used, so sampling does not read the optimizer state."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        # mmap: tensors are paged in when used, so sampling does not read the optimizer state
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(
             f"cannot read checkpoint {path}: it is truncated, corrupt, not a PyTorch file, or holds pickled "
@@ -129,5 +303,3 @@ def find_in_run_dir(run_dir: str | Path, which: str = "best") -> Path:
         if candidate.is_file():
             return candidate
     raise UserError(f"{run_dir} holds no checkpoints/{which}.pt: is it a run dir of a run that saved?")
-
-

@@ -53,6 +53,11 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class NonFinite(str, Enum):
+    stop = "stop"  # stop the run with a message; the step is not applied
+    skip = "skip"  # skip the step (as fp16's grad scaler does on overflow) and count it
+
+
 class LoggerName(str, Enum):
     none = "none"
     wandb = "wandb"
@@ -136,7 +141,13 @@ class TrainConfig:
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 1  # print and record a train line every this many steps
     eval_only: bool = False  # evaluate once and exit (the eval_gpt2* experiments)
-    save_checkpoints: bool = True  # write last.pt (each eval) and best.pt (on improvement)
+    save_checkpoints: bool = True  # write last.pt (each eval and on stop) and best.pt (on improvement)
+    keep_checkpoints: int = 2  # checkpoints/step-N.pt kept besides last.pt and best.pt
+    # auto: continue from the run dir's checkpoint if it holds one (a requeued job) | never | a run
+    # dir to continue, with its own config (max_iters and other RESUMABLE keys may change)
+    resume: str = "auto"
+    reproduce: Optional[str] = None  # a run dir: train its config again in a fresh dir
+    on_nonfinite: NonFinite = NonFinite.stop  # a NaN/inf loss or gradient: stop | skip the step
 
 
 @dataclass
@@ -204,6 +215,11 @@ def check_train_config(c: TrainConfig) -> None:
     for key in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key}={getattr(c, key)} must be at least 1")
+    if c.keep_checkpoints < 0:
+        raise ConfigError(f"keep_checkpoints={c.keep_checkpoints} must be >= 0 (0 keeps only last.pt and best.pt)")
+    if c.reproduce is not None and c.resume not in ("auto", "never"):
+        raise ConfigError("resume and reproduce were both given: resume=<run dir> continues a run, "
+                          "reproduce=<run dir> starts it again in a fresh dir; pick one")
     if c.max_iters < 0:
         raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
     o = c.optim

@@ -70,11 +70,17 @@ class Preflight(Callback):
     # Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
     # leaves through SystemExit (user_errors), with the same one line and status as any user error.
 
-    def __init__(self, check_data: bool = True):
+    def __init__(self, check_data: bool = True, plan_runs: bool = False):
         self.check_data = check_data
+        self.plan_runs = plan_runs  # nanogpt-train: resume and reproduce pick the run dir and config
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with user_errors():
+            if self.plan_runs:
+                from nanogpt.resume import plan_run
+
+                to_train_config(config)  # the command line's own mistakes first
+                plan_run(config)
             train_config = to_train_config(config)
             check_init_from(train_config)
             check_hardware(train_config)
@@ -83,4 +89,9 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with user_errors():
-            to_train_config(config)
+            train_config = to_train_config(config)
+            if self.plan_runs and (train_config.reproduce is not None or train_config.resume not in ("auto", "never")):
+                raise ConfigError(
+                    "resume=<run dir> and reproduce=<run dir> start one run, not a sweep (--multirun): drop -m; "
+                    "each job of a sweep continues from its own checkpoint by itself (resume=auto)"
+                )

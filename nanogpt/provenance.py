@@ -3,7 +3,8 @@
 Every run dir gets, besides Hydra's `.hydra/` snapshot:
     config.resolved.yaml  the config exactly as the code used it (interpolations and env resolved)
     provenance.json       code (git commit, branch, dirty flag, diff), command line, versions, host,
-                          SLURM ids, seed, start/end time and status: running | done | failed
+                          SLURM ids, seed, start/end time and status: running | done | failed |
+                          preempted; each resume appended to `resumes`; a reproduction's source run
     DONE                  written last, only when the run ended well
 
 Environment variables are never recorded: API keys and tokens live there.
@@ -12,6 +13,7 @@ Environment variables are never recorded: API keys and tokens live there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -23,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 from nanogpt.cli import PACKAGE_DIR
+
+log = logging.getLogger("nanogpt")
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "numpy", "tiktoken", "wandb", "submitit")
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT")
@@ -72,31 +76,72 @@ def versions() -> dict:
     return found
 
 
-class RunRecord:
-    """provenance.json of one run, kept up to date as the run goes (start, end, status)."""
+def code_differences(then: dict, now: dict) -> list[str]:
+    """How the code now differs from the code a run used (both git_state() dicts)."""
+    if not then or not now:
+        return [] if then == now else ["the code's git state is unknown for one of the two runs"]
+    found = []
+    if then.get("commit") != now.get("commit"):
+        found.append(f"the code is at commit {str(now.get('commit'))[:12]}, the run used {str(then.get('commit'))[:12]}")
+    if then.get("diff") != now.get("diff") or then.get("untracked") != now.get("untracked"):
+        found.append("the uncommitted changes differ from the run's (see git.diff in both provenance.json)")
+    return found
 
-    def __init__(self, run_dir: Path, seed: int, resolved_yaml: str):
+
+class RunRecord:
+    """provenance.json of one run, kept up to date as the run goes (start, end, status).
+
+    A run that continues in its dir (resume) keeps its record: the first start's fields stay,
+    and each later start appends to `resumes`. A reproduced run names its source run."""
+
+    def __init__(self, run_dir: Path, seed: int, resolved_yaml: str,
+                 resumed_from: tuple[Path, int] | None = None, reproduced_from: str | None = None):
         self.run_dir = Path(run_dir)
-        (self.run_dir / "config.resolved.yaml").write_text(resolved_yaml)
-        self.record = {
-            "status": "running",
+        path = self.run_dir / "provenance.json"
+        this_start = {
             "start_time": _now(),
-            "end_time": None,
             "argv": sys.argv,
             "cwd": os.getcwd(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "slurm": {k: os.environ[k] for k in SLURM_VARIABLES if k in os.environ},
-            "world_size": 1,
-            "seed": seed,
             "git": git_state(),
-            "versions": versions(),
         }
+        previous = _read_json(path)
+        if previous is not None:  # this dir's run continues (or restarts before its first checkpoint)
+            warnings = code_differences(previous.get("git", {}), this_start["git"])
+            self.record = previous
+            self.record.setdefault("resumes", []).append({
+                **this_start,
+                "from_checkpoint": str(resumed_from[0]) if resumed_from else None,
+                "from_step": resumed_from[1] if resumed_from else 0,
+                "versions": versions(),
+                "warnings": warnings,
+            })
+            self.record.update(status="running", end_time=None)
+            (self.run_dir / "DONE").unlink(missing_ok=True)
+        else:
+            (self.run_dir / "config.resolved.yaml").write_text(resolved_yaml)
+            warnings = []
+            self.record = {"status": "running", **this_start, "end_time": None, "world_size": 1, "seed": seed,
+                           "versions": versions()}
+            if reproduced_from is not None:
+                source = _read_json(Path(reproduced_from) / "provenance.json") or {}
+                warnings = code_differences(source.get("git", {}), this_start["git"])
+                self.record["reproduced_from"] = {
+                    "run_dir": str(reproduced_from),
+                    "git_commit": source.get("git", {}).get("commit"),
+                    "warnings": warnings,
+                }
+        for warning in warnings:
+            log.warning(f"warning: {warning}")
+        self._wall_before = self.record.get("wall_seconds", 0.0)
         self._write()
         self._started = time.monotonic()
 
     def finish(self, status: str) -> None:
-        self.record.update(status=status, end_time=_now(), wall_seconds=round(time.monotonic() - self._started, 1))
+        wall = round(self._wall_before + time.monotonic() - self._started, 1)
+        self.record.update(status=status, end_time=_now(), wall_seconds=wall)
         self._write()
         if status == "done":
             (self.run_dir / "DONE").write_text(self.record["end_time"] + "\n")
@@ -106,3 +151,11 @@ class RunRecord:
         tmp = path.with_name(".provenance.json.tmp")
         tmp.write_text(json.dumps(self.record, indent=2) + "\n")
         os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

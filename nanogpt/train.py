@@ -12,6 +12,7 @@ evaluation and best.pt when the val loss improves.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -23,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import TrainConfig
+from nanogpt.config import NonFinite, TrainConfig, UserError
 from nanogpt.signals import StopRequest
 
 if TYPE_CHECKING:
@@ -93,9 +94,17 @@ def build_training(config: TrainConfig, data_meta: dict) -> Training:
     return Training(hw, raw_model, model, optimizer, scaler, data_rng)
 
 
-def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: float):
+class NonFiniteStep(UserError):
+    """A step's loss or gradient was NaN or inf, and on_nonfinite=stop."""
+
+
+def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: float, on_nonfinite=NonFinite.stop):
     """One optimizer step: grad_accum micro-steps under autocast, clip, step, zero grads.
-    Returns the mean loss (a tensor: reading it would sync the device) and the next batch."""
+
+    A step whose loss or gradient is not finite is not applied: it raises NonFiniteStep
+    (on_nonfinite=stop), or is skipped (skip), as fp16's grad scaler skips an overflowing step.
+    Returns the mean loss and the gradient norm (tensors: reading them syncs the device), the
+    next batch, and whether the step was applied."""
     import torch
 
     model, optimizer, scaler, hw = t.model, t.optimizer, t.scaler, t.hw
@@ -108,20 +117,98 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         x, y = batches.next_batch()  # fetch the next batch while the device works
         scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
+    scaler.unscale_(optimizer)  # a no-op unless fp16's scaler is on
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    # the one host sync of a step: whether to apply it must be known before it is applied
+    loss_ok, grad_ok = torch.stack([loss_sum.isfinite(), grad_norm.isfinite()]).tolist()
+    if not loss_ok or (not grad_ok and not scaler.is_enabled()):  # fp16 overflow is the scaler's to handle
+        if on_nonfinite == NonFinite.stop:
+            what = "loss" if not loss_ok else "gradient norm"
+            raise NonFiniteStep(f"the {what} is {float(loss_sum if not loss_ok else grad_norm)}")
+        applied = False
+        if scaler.is_enabled():
+            scaler.update()  # unscale_ saw the overflow: the next step tries a lower scale
+    elif scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped by the scaler if the gradients overflowed
+        scaler.update()
+        applied = scaler.get_scale() >= scale  # an overflow lowers the scale
+    else:
+        optimizer.step()
+        applied = True
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, (x, y)
+    return loss_sum, grad_norm, (x, y), applied
 
 
-def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict) -> dict:
+@dataclass
+class Progress:
+    """Where a run is: saved in each checkpoint, restored on resume."""
+
+    step: int = 0  # optimizer steps done (skipped ones included: the schedule moves on)
+    best_val_loss: float = float("inf")
+    skipped_steps: int = 0
+    wandb_run_id: str | None = None
+
+
+def checkpoint_payload(t: Training, progress: Progress, next_batch, data_meta: dict, resolved_config: dict) -> dict:
+    """What a checkpoint of a training run holds (see nanogpt/checkpoint.py)."""
+    from nanogpt import checkpoint, rng
+
+    return {
+        "model": t.raw_model.state_dict(),
+        "model_config": checkpoint.model_config_to_dict(t.raw_model.config),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "step": progress.step,
+        "best_val_loss": progress.best_val_loss,
+        "data_meta": data_meta,
+        "config": json.dumps(resolved_config, default=str),
+        "resume": {  # what an exact resume needs besides the above
+            "rng": rng.capture(t.hw.device),
+            "data_rng": t.data_rng.get_state(),
+            "next_batch": [b.cpu() for b in next_batch],  # drawn ahead, before the last evaluation's draws
+            "skipped_steps": progress.skipped_steps,
+            "wandb_run_id": progress.wandb_run_id,
+        },
+    }
+
+
+def restore(t: Training, payload: dict, data_meta: dict) -> tuple[Progress, tuple]:
+    """Put a checkpoint's state back into t and the RNGs. Returns the progress and the next batch."""
+    from nanogpt import rng
+
+    saved_meta = payload.get("data_meta") or {}
+    for key in ("vocab_size", "train_tokens", "val_tokens", "encoding"):
+        if saved_meta.get(key) != data_meta.get(key):
+            raise UserError(
+                f"the dataset differs from the one the run trained on ({key}: {saved_meta.get(key)} then, "
+                f"{data_meta.get(key)} now): point data.dir/data.source at the run's dataset"
+            )
+    t.raw_model.load_state_dict(payload["model"])
+    t.optimizer.load_state_dict(payload["optimizer"])
+    t.scaler.load_state_dict(payload["scaler"])
+    state = payload["resume"]
+    t.data_rng.set_state(state["data_rng"])
+    rng.restore(state["rng"], t.hw.device)
+    progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"])
+    return progress, tuple(b.to(t.hw.device) for b in state["next_batch"])
+
+
+def all_finite(model: "torch.nn.Module") -> bool:
     import torch
 
-    from nanogpt import checkpoint
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None = None) -> dict:
+    """Train (or continue, from resume_from's checkpoint) and return the final step and losses."""
+    import torch
+
     from nanogpt.batches import RandomWindows
+    from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics
     from nanogpt.optim import learning_rate
 
@@ -135,6 +222,10 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
         "train": train_batches,
         "val": RandomWindows(data_dir / "val.bin", data_meta["dtype"], **windows),
     }
+    progress, batch = Progress(), None
+    if resume_from is not None:
+        progress, batch = restore(t, resume_from, data_meta)
+    start_step = progress.step
 
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
     log.info(
@@ -159,72 +250,95 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
         model.train()
         return losses
 
-    def save(step: int, best_val_loss: float, improved: bool) -> None:
-        last = run_dir / "checkpoints" / "last.pt"
-        checkpoint.save(checkpoint.training_payload(t, step, best_val_loss, data_meta, resolved_config), last)
-        if improved:
-            checkpoint.link_as(last, run_dir / "checkpoints" / "best.pt")
+    checkpoints = CheckpointDir(run_dir / "checkpoints", config.keep_checkpoints)
 
-    metrics = Metrics(run_dir, config.logger, resolved_config)
+    def save(improved: bool) -> None:
+        if not all_finite(raw_model):  # never write NaN weights over a good checkpoint
+            raise NonFiniteStep(f"the weights are not finite at step {progress.step}; nothing was saved")
+        checkpoints.save(checkpoint_payload(t, progress, batch, data_meta, resolved_config), progress.step, improved)
+
+    metrics = Metrics(run_dir, config.logger, resolved_config,
+                      resumed_at=start_step if resume_from is not None else None, wandb_run_id=progress.wandb_run_id)
+    progress.wandb_run_id = metrics.wandb_run_id
+    if batch is None:
+        batch = train_batches.next_batch()
     # plain locals for the hot path: no config lookups or recomputation between log lines
     max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
     eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
+    on_nonfinite = config.on_nonfinite
     flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step
-    step, best_val_loss, last_eval, saved, stopped_by = 0, float("inf"), {}, False, None
-    batch = train_batches.next_batch()
+    last_eval, saved_step, stopped_by = {}, None, None
     t_last, steps_since_log = time.perf_counter(), 0
     with StopRequest() as stop:  # a signal only asks; the loop stops at the next step boundary
         try:
             while True:
-                if step % eval_interval == 0 or step == max_iters or eval_only:
+                step = progress.step
+                # a checkpoint is taken after its step's evaluation: a resumed run does not repeat it
+                evaluated_before_resume = resume_from is not None and step == start_step
+                if (step % eval_interval == 0 or step == max_iters or eval_only) and not evaluated_before_resume:
                     last_eval = evaluate()
                     metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
                     log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
                     # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
                     if step > 0 and not eval_only:
-                        improved = last_eval["val"] < best_val_loss
-                        best_val_loss = min(best_val_loss, last_eval["val"])
+                        improved = last_eval["val"] < progress.best_val_loss
+                        progress.best_val_loss = min(progress.best_val_loss, last_eval["val"])
                         if config.save_checkpoints:
-                            save(step, best_val_loss, improved)
-                            saved = True
+                            save(improved)
+                            saved_step = step
                     t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
                 if step >= max_iters or eval_only:
+                    break
+                if stop.signal is not None:  # keep this step's weights, then leave
+                    stopped_by = stop.signal
+                    if config.save_checkpoints and saved_step != step:
+                        save(improved=False)
+                        saved_step = step
+                    where = f"; checkpoint in {checkpoints.path / 'last.pt'}" if saved_step == step else ""
+                    log.info(f"stopped by {stopped_by.name} after step {step}{where}")
                     break
 
                 lr = learning_rate(step, optim_cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum, batch = optimizer_step(t, train_batches, batch, grad_accum, grad_clip)
-                step += 1
+                try:
+                    loss_sum, grad_norm, batch, applied = optimizer_step(t, train_batches, batch, grad_accum, grad_clip, on_nonfinite)
+                except NonFiniteStep as e:
+                    last = f"the last checkpoint is step {saved_step}" if saved_step else "no checkpoint was saved"
+                    raise NonFiniteStep(
+                        f"step {step + 1}: {e} (the step was not applied; {last}): lower optim.lr or raise "
+                        f"optim.warmup_iters, or set on_nonfinite=skip to skip such steps"
+                    ) from None
+                progress.step += 1
                 steps_since_log += 1
+                if not applied:
+                    progress.skipped_steps += 1
+                    log.warning(f"step {progress.step}: non-finite loss or gradient, step skipped "
+                                f"({progress.skipped_steps} skipped so far)")
 
-                if step % log_interval == 0 or step == max_iters:
-                    train_loss = float(loss_sum)  # the only host sync of a training step, every log_interval
+                if progress.step % log_interval == 0 or progress.step == max_iters:
+                    train_loss = float(loss_sum)
                     now = time.perf_counter()
                     dt = (now - t_last) / steps_since_log
                     t_last, steps_since_log = now, 0
                     mfu = flops_per_step / dt / hw.peak_flops
-                    metrics.log(step, "train", loss=train_loss, lr=lr, ms_per_iter=dt * 1e3,
+                    metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(grad_norm),
+                                skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
                                 tokens_per_s=tokens_per_step / dt, mfu=mfu)
                     log.info(
-                        f"iter {step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
+                        f"iter {progress.step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
                         f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
                     )
-                if stop.signal is not None and step < max_iters:  # keep this step's weights, then leave
-                    stopped_by = stop.signal
-                    if config.save_checkpoints:
-                        save(step, best_val_loss, improved=False)
-                    where = f"; checkpoint in {run_dir / 'checkpoints' / 'last.pt'}" if config.save_checkpoints else ""
-                    log.info(f"stopped by {stopped_by.name} after step {step}{where}")
-                    break
         finally:
             metrics.close()
 
-    result = {"step": step, "stopped_by": stopped_by, **{f"{k}_loss": v for k, v in last_eval.items()}}
-    if stopped_by is None and step > 0 and not eval_only:
-        result["best_val_loss"] = best_val_loss
-        where = f"; checkpoints in {run_dir / 'checkpoints'}" if saved else ""
-        log.info(f"done: {step} steps, best val loss {best_val_loss:.4f}{where}")
+    result = {"step": progress.step, "stopped_by": stopped_by, **{f"{k}_loss": v for k, v in last_eval.items()}}
+    if stopped_by is None and progress.step > 0 and not eval_only:
+        result["best_val_loss"] = progress.best_val_loss
+        if progress.step == start_step:
+            log.info(f"nothing to do: the run already reached max_iters={max_iters}")
+        where = f"; checkpoints in {checkpoints.path}" if saved_step is not None else ""
+        log.info(f"done: {progress.step} steps, best val loss {progress.best_val_loss:.4f}{where}")
     return result
 
 
@@ -238,12 +352,30 @@ def interrupted(exc: BaseException | None) -> bool:
     return False
 
 
+def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict) -> tuple[dict | None, Path | None]:
+    """The newest good checkpoint of the run dir when the run continues (resume is not never);
+    refuses it if the config changed in a way a continued run may not."""
+    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.resume import refuse_changes, refuse_overwrite
+
+    checkpoints = CheckpointDir(run_dir / "checkpoints")
+    if not checkpoints.candidates():
+        return None, None
+    if config.resume == "never":
+        refuse_overwrite(run_dir)
+    for partial in checkpoints.remove_partial_writes():
+        log.info(f"removed {partial.name}, left by a save that was interrupted")
+    payload, path = checkpoints.load_latest_good()
+    refuse_changes(json.loads(payload["config"]), resolved, run_dir)
+    log.info(f"resuming from {path} (step {payload['step']})")
+    return payload, path
+
+
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from nanogpt.preflight import check_data_and_vocab, to_train_config
-
     from nanogpt.provenance import RunRecord
 
     with user_errors():
@@ -251,9 +383,14 @@ def _main(cfg: DictConfig) -> dict:
         data_meta = check_data_and_vocab(config)  # done before the run dir was made; cheap now
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        record = RunRecord(run_dir, config.seed, OmegaConf.to_yaml(resolved))
+        resume_from, resume_path = checkpoint_to_resume(config, run_dir, resolved)
+        record = RunRecord(
+            run_dir, config.seed, OmegaConf.to_yaml(resolved),
+            resumed_from=None if resume_from is None else (resume_path, resume_from["step"]),
+            reproduced_from=config.reproduce,
+        )
         try:
-            result = train(config, run_dir, data_meta, resolved)
+            result = train(config, run_dir, data_meta, resolved, resume_from)
         except BaseException as e:
             record.finish("preempted" if interrupted(e) else "failed")
             raise

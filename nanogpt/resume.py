@@ -1,0 +1,167 @@
+"""Which run dir a run writes to, and with which config, when it continues or repeats a run.
+
+    resume=auto        (default) a run dir that already holds a checkpoint is continued from it:
+                       what a requeued SLURM job, or a command re-run with the same hydra.run.dir,
+                       needs. Its config must match the run's, except RESUMABLE keys.
+    resume=never       start from step 0; refused in a run dir that holds checkpoints.
+    resume=<run dir>   continue that run, in its dir, with the config it snapshotted
+                       (config.resolved.yaml); only RESUMABLE keys may be overridden.
+    reproduce=<run dir>  train that run's config (its .hydra/config.yaml) again in a fresh run dir;
+                       key=value and group overrides apply on top of it.
+
+`plan_run` does this in the Preflight callback, before Hydra creates the run dir, so a refused
+request costs nothing and leaves nothing on disk. When the run dir already has a `.hydra/`
+snapshot, this start's goes beside it in `.hydra/resume-N/`: the run's first snapshot is kept.
+
+No torch here: this runs on every launch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+
+from nanogpt.config import ConfigError
+
+# Keys a continued run may change: how long it runs, how it reports, what it keeps. Anything else
+# would make the rest of the run differ from the run that was started.
+RESUMABLE = (
+    "max_iters", "eval_interval", "eval_iters", "log_interval", "save_checkpoints", "keep_checkpoints",
+    "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "data.num_threads", "data.dir",
+    "data.source",
+)
+RESUMABLE_IN_WORDS = "max_iters, eval/log intervals, checkpoint settings, on_nonfinite, logger.*, data.dir/source"
+CHOICES = ("auto", "never")
+
+
+def is_resumable(key: str) -> bool:
+    return key in ("resume", "reproduce") or any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def refuse_changes(old: dict, new: dict, run_dir: Path | str) -> None:
+    """ConfigError unless the two resolved configs differ only in RESUMABLE keys."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        if is_resumable(key) or old_flat.get(key) == new_flat.get(key):
+            continue
+        raise ConfigError(
+            f"{run_dir} holds a run with {key}={old_flat.get(key)!r}, and this command sets {new_flat.get(key)!r}: "
+            f"a continued run keeps its config (only {RESUMABLE_IN_WORDS} may change); to train with it "
+            f"changed, start a new run in a fresh dir with init_from={run_dir}"
+        )
+
+
+def refuse_overwrite(run_dir: Path) -> None:
+    raise ConfigError(
+        f"{run_dir} already holds the checkpoints of a run and resume=never would overwrite them: "
+        f"pick a fresh hydra.run.dir, or set resume=auto to continue that run"
+    )
+
+
+def existing_run_dir(value: str, key: str, needs: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{key}={value}: no such run dir; give the dir a run wrote (outputs/DATE/TIME-PID)")
+    if not (path / needs).is_file():
+        raise ConfigError(f"{key}={value} holds no {needs}: it is not a run dir of nanogpt-train")
+    return path
+
+
+def plan_run(cfg: DictConfig) -> None:
+    """Point the run dir and the task config at what resume/reproduce ask (mutates cfg)."""
+    from nanogpt.checkpoint import CheckpointDir
+
+    resume, reproduce = cfg.resume, cfg.reproduce
+    if reproduce is not None:
+        source = existing_run_dir(reproduce, "reproduce", ".hydra/config.yaml")
+        snapshot = OmegaConf.load(source / ".hydra" / "config.yaml")
+        _apply_overrides(snapshot, cfg, "reproduce", allowed=lambda key: True)
+        snapshot.reproduce = str(source.resolve())
+        snapshot.resume = resume
+        _replace_task_config(cfg, snapshot, source)
+    elif resume not in CHOICES:
+        source = existing_run_dir(resume, "resume", "config.resolved.yaml")
+        if not CheckpointDir(source / "checkpoints").candidates():
+            raise ConfigError(
+                f"resume={resume} holds no checkpoint to continue from (it stopped before its first save, or ran "
+                f"with save_checkpoints=false): start it again with reproduce={resume}"
+            )
+        with read_write(cfg), open_dict(cfg):
+            cfg.hydra.run.dir = str(source)
+
+    run_dir = Path(str(cfg.hydra.run.dir))
+    if resume == "never" and CheckpointDir(run_dir / "checkpoints").candidates():
+        refuse_overwrite(run_dir)
+    if resume != "never" and (run_dir / "config.resolved.yaml").is_file():
+        # the run continues with the config it used, resolved: optim.decay_iters stays where it
+        # was when max_iters grows, so the schedule of the steps already taken goes on unchanged
+        snapshot = OmegaConf.load(run_dir / "config.resolved.yaml")
+        _apply_overrides(snapshot, cfg, f"the run in {run_dir}", allowed=is_resumable, unchanged_ok=True)
+        snapshot.resume = resume
+        _replace_task_config(cfg, snapshot, run_dir)
+    if (run_dir / ".hydra").is_dir():  # keep the run's first snapshot; this start's goes beside it
+        n = 1 + len(list((run_dir / ".hydra").glob("resume-*")))
+        with read_write(cfg), open_dict(cfg):
+            cfg.hydra.output_subdir = f".hydra/resume-{n}"
+
+
+def _task_part(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+
+
+def _apply_overrides(snapshot: DictConfig, cfg: DictConfig, what: str, allowed, unchanged_ok: bool = False) -> None:
+    """Apply the command line's overrides to a snapshot, with the values Hydra composed for them.
+    A key that is not `allowed` is refused, unless (unchanged_ok) it leaves the snapshot's value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = set(cfg.hydra.runtime.choices.keys()) if "runtime" in cfg.hydra else set()
+    for override in OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task)):
+        key = override.key_or_group
+        if key.startswith("hydra.") or key in ("resume", "reproduce"):
+            continue
+        text = override.input_line
+        value = cfg[key] if key in groups else OmegaConf.select(cfg, key)
+        if unchanged_ok and not allowed(key) and _plain(value) == _plain(OmegaConf.select(snapshot, key)):
+            continue
+        if override.is_delete() or override.is_add() or override.package is not None or key == "experiment":
+            raise ConfigError(f"{what} takes key=value overrides on top of its own config, not {text}: "
+                              f"to compose a new config, start a new run")
+        if not allowed(key):
+            old = _plain(OmegaConf.select(snapshot, key))
+            raise ConfigError(
+                f"{text} would change {what}, which has {key}={old!r}: a continued run keeps its config (only "
+                f"{RESUMABLE_IN_WORDS} may change); to train with it changed, start a new run in a fresh dir "
+                f"with init_from=<its run dir>"
+            )
+        OmegaConf.update(snapshot, key, value, merge=False, force_add=True)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain, resolved Python values (nodes become dicts and lists)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value.value if isinstance(value, Enum) else value
+
+
+def _replace_task_config(cfg: DictConfig, snapshot: DictConfig, source: Path) -> None:
+    """Make cfg's task part (all but `hydra`) the snapshot, typed by cfg's schema."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg)), snapshot)
+        with read_write(cfg), open_dict(cfg):
+            for key in typed.keys():
+                cfg[key] = typed._get_node(key)  # interpolations such as ${model.block_size} stay live
+    except Exception as e:  # a key this version no longer has, or a value it no longer accepts
+        raise ConfigError(f"the config of {source} does not fit this version of nanogpt ({e}): "
+                          f"run it with the version that wrote it") from e
