@@ -64,11 +64,16 @@ class _HashingWriter:
 
     def __init__(self, file):
         self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch.save reports a failed write as a RuntimeError
 
     def write(self, data) -> int:
         self.sha256.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.file.flush()
@@ -78,14 +83,17 @@ def _write_temp(payload: dict[str, Any], directory: Path, name: str) -> tuple[Pa
     """Write payload to a fsynced temp file in directory. Returns it with its size and SHA-256."""
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
             torch.save({"format": FORMAT, "version": VERSION, **payload}, writer)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            raise writer.error from e  # the disk's own error (full, quota, I/O), not torch's wrapper
         raise
     return Path(tmp), {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
 
@@ -200,7 +208,8 @@ class CheckpointDir:
         except OSError as e:
             raise CheckpointWriteError(
                 f"could not write the checkpoint of step {step} to {self.path} ({e.strerror or e}); the previous "
-                f"checkpoint is intact: free disk space or fix the permissions, then resume"
+                f"checkpoint is intact: free disk space or fix the permissions, then continue with "
+                f"resume={self.path.parent}"
             ) from e
         return last
 

@@ -19,6 +19,7 @@ No torch here: this runs on every launch.
 from __future__ import annotations
 
 from pathlib import Path
+import os
 from enum import Enum
 from typing import Any
 
@@ -70,6 +71,19 @@ def refuse_overwrite(run_dir: Path) -> None:
     )
 
 
+def check_writable(run_dir: Path) -> None:
+    """The run dir (or the dir it will be made in) can be written, before anything is computed."""
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise ConfigError(
+            f"the run dir {run_dir} cannot be written ({why} at {existing}): pick a writable hydra.run.dir, "
+            f"or copy the run somewhere writable and resume it there"
+        )
+
+
 def existing_run_dir(value: str, key: str, needs: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_dir():
@@ -102,6 +116,7 @@ def plan_run(cfg: DictConfig) -> None:
             cfg.hydra.run.dir = str(source)
 
     run_dir = Path(str(cfg.hydra.run.dir))
+    check_writable(run_dir)
     if resume == "never" and CheckpointDir(run_dir / "checkpoints").candidates():
         refuse_overwrite(run_dir)
     if resume != "never" and (run_dir / "config.resolved.yaml").is_file():
