@@ -296,7 +296,7 @@ def read_text_source(source: str, download_dir: Path, redownload: bool = False) 
         log.info("read %d files matching %s", len(paths), source)
         text = "\n".join(t if t.endswith("\n") else t + "\n" for t in texts)
     if not text:
-        raise UserError(f"data.source={source} is empty")
+        raise UserError(f"data.source={source} is empty: point it at a text with at least a few thousand characters")
     return text
 
 

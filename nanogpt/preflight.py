@@ -9,13 +9,16 @@ with the composed config, before it makes the run dir. A failed check raises a U
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import traceback
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import to_object, user_errors
-from nanogpt.config import ConfigError, TrainConfig, check_train_config
+from nanogpt.config import ConfigError, TrainConfig, UserError, check_train_config
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -66,16 +69,29 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def stop_on_error():
+    """Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
+    leaves through SystemExit: a user error with its one line and status 2 (user_errors), anything
+    else (a bug) with its traceback and status 1."""
+    with user_errors():
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception:
+            traceback.print_exc()
+            sys.exit(1)
+
+
 class Preflight(Callback):
-    # Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
-    # leaves through SystemExit (user_errors), with the same one line and status as any user error.
 
     def __init__(self, check_data: bool = True, plan_runs: bool = False):
         self.check_data = check_data
         self.plan_runs = plan_runs  # nanogpt-train: resume and reproduce pick the run dir and config
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with user_errors():
+        with stop_on_error():
             if self.plan_runs:
                 from nanogpt.resume import plan_run
 
@@ -88,7 +104,7 @@ class Preflight(Callback):
                 check_data_and_vocab(train_config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with user_errors():
+        with stop_on_error():
             train_config = to_train_config(config)
             if self.plan_runs and (train_config.reproduce is not None or train_config.resume not in ("auto", "never")):
                 raise ConfigError(

@@ -120,25 +120,41 @@ def plan_run(cfg: DictConfig) -> None:
     if resume == "never" and CheckpointDir(run_dir / "checkpoints").candidates():
         refuse_overwrite(run_dir)
     if resume != "never" and (run_dir / "config.resolved.yaml").is_file():
-        # the run continues with the config it used, resolved: optim.decay_iters stays where it
-        # was when max_iters grows, so the schedule of the steps already taken goes on unchanged
-        snapshot = OmegaConf.load(run_dir / "config.resolved.yaml")
-        _apply_overrides(snapshot, cfg, f"the run in {run_dir}", allowed=is_resumable, unchanged_ok=True)
-        snapshot.resume = resume
-        _replace_task_config(cfg, snapshot, run_dir)
+        _continue_in_place(cfg, run_dir)
     if (run_dir / ".hydra").is_dir():  # keep the run's first snapshot; this start's goes beside it
         n = 1 + len(list((run_dir / ".hydra").glob("resume-*")))
         with read_write(cfg), open_dict(cfg):
             cfg.hydra.output_subdir = f".hydra/resume-{n}"
 
 
+def _continue_in_place(cfg: DictConfig, run_dir: Path) -> None:
+    """The command continues the run in its own dir (resume=auto): the run's resolved config, with
+    the command's RESUMABLE values. Any other difference is refused. A value derived from a
+    RESUMABLE one keeps the run's: optim.decay_iters stays where it was when max_iters grows, so
+    the schedule of the steps already taken goes on unchanged."""
+    snapshot = OmegaConf.to_container(OmegaConf.load(run_dir / "config.resolved.yaml"))
+    composed = _task_part(cfg)
+    resumable = {k: v for k, v in flatten(snapshot).items() if is_resumable(k)}
+    probe = composed.copy()  # the command's config as it would be with the run's resumable values
+    with read_write(probe), open_dict(probe):
+        for key, value in resumable.items():
+            OmegaConf.update(probe, key, value, merge=False, force_add=True)
+    refuse_changes(snapshot, OmegaConf.to_container(probe, resolve=True, enum_to_str=True), run_dir)
+    continued = OmegaConf.create(snapshot)
+    wanted = OmegaConf.to_container(composed, resolve=True, enum_to_str=True)
+    for key, value in flatten(wanted).items():
+        if is_resumable(key):
+            OmegaConf.update(continued, key, value, merge=False, force_add=True)
+    _replace_task_config(cfg, continued, run_dir)
+
+
 def _task_part(cfg: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
 
 
-def _apply_overrides(snapshot: DictConfig, cfg: DictConfig, what: str, allowed, unchanged_ok: bool = False) -> None:
+def _apply_overrides(snapshot: DictConfig, cfg: DictConfig, what: str, allowed) -> None:
     """Apply the command line's overrides to a snapshot, with the values Hydra composed for them.
-    A key that is not `allowed` is refused, unless (unchanged_ok) it leaves the snapshot's value."""
+    A key that is not `allowed` is refused, unless it leaves the snapshot's value as it is."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     groups = set(cfg.hydra.runtime.choices.keys()) if "runtime" in cfg.hydra else set()
@@ -147,12 +163,12 @@ def _apply_overrides(snapshot: DictConfig, cfg: DictConfig, what: str, allowed, 
         if key.startswith("hydra.") or key in ("resume", "reproduce"):
             continue
         text = override.input_line
-        value = cfg[key] if key in groups else OmegaConf.select(cfg, key)
-        if unchanged_ok and not allowed(key) and _plain(value) == _plain(OmegaConf.select(snapshot, key)):
-            continue
         if override.is_delete() or override.is_add() or override.package is not None or key == "experiment":
             raise ConfigError(f"{what} takes key=value overrides on top of its own config, not {text}: "
                               f"to compose a new config, start a new run")
+        value = cfg[key] if key in groups else OmegaConf.select(cfg, key)
+        if not allowed(key) and _plain(value) == _plain(OmegaConf.select(snapshot, key)):
+            continue
         if not allowed(key):
             old = _plain(OmegaConf.select(snapshot, key))
             raise ConfigError(

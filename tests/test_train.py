@@ -320,3 +320,101 @@ def test_a_second_ctrl_c_stops_at_once_and_corrupts_nothing(tmp_path, shakespear
     for ckpt in (run_dir / "checkpoints").glob("*.pt"):  # whatever was saved is whole
         assert torch.load(ckpt, weights_only=True)["step"] >= 3
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.fixture
+def tiny_training(tmp_path, shakespeare_path, monkeypatch):
+    """train() in this process on a tiny model, with hooks that can poison a step: returns
+    (run, poison, run_dir) where poison(kind, at_step) makes that training step's loss NaN
+    ("loss") or the weights NaN after it ("weights")."""
+    import torch
+    from conftest import compose
+
+    from nanogpt import train as train_module
+    from nanogpt.preflight import check_data_and_vocab, to_train_config
+
+    poisoned = {}
+    build_training = train_module.build_training
+
+    def build_with_hooks(config, data_meta):
+        t = build_training(config, data_meta)
+        forwards = {"n": 0}
+
+        def nan_loss(module, args, output):
+            if not module.training:
+                return output
+            forwards["n"] += 1
+            if poisoned.get("loss") == forwards["n"]:  # one micro-step per step here
+                return output[0], output[1] * float("nan")
+            return output
+
+        def nan_weights(optimizer, args, kwargs):
+            if poisoned.get("weights") == optimizer.state[next(iter(optimizer.state))]["step"].item():
+                with torch.no_grad():
+                    t.raw_model.lm_head.weight.fill_(float("nan"))
+
+        t.raw_model.register_forward_hook(nan_loss)
+        t.optimizer.register_step_post_hook(nan_weights)
+        return t
+
+    monkeypatch.setattr(train_module, "build_training", build_with_hooks)
+
+    def run(*overrides: str):
+        cfg = compose("train", [f"data.source={shakespeare_path}", f"data.dir={tmp_path / 'data'}", "hardware=cpu",
+                                "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+                                "batch_size=4", "max_iters=8", "eval_interval=2", "eval_iters=1",
+                                "hardware.peak_flops=1e11", *overrides])
+        config = to_train_config(cfg)
+        from omegaconf import OmegaConf
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return train_module.train(config, run_dir, check_data_and_vocab(config), resolved)
+
+    def poison(kind: str, at_step: int) -> None:
+        poisoned[kind] = at_step
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    return run, poison, run_dir
+
+
+def saved_step(run_dir: Path) -> int:
+    import torch
+
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+
+
+def test_a_nan_loss_stops_the_run_by_default_without_applying_the_step(tiny_training):
+    from nanogpt.train import NonFiniteStep
+
+    run, poison, run_dir = tiny_training
+    poison("loss", 3)
+    with pytest.raises(NonFiniteStep, match=r"step 3: the loss is nan \(the step was not applied; the last checkpoint "
+                                             r"is step 2\): lower optim.lr .* on_nonfinite=skip"):
+        run()
+    assert saved_step(run_dir) == 2
+
+
+def test_a_nan_loss_is_skipped_and_counted_with_on_nonfinite_skip(tiny_training, caplog):
+    run, poison, run_dir = tiny_training
+    poison("loss", 3)
+    result = run("on_nonfinite=skip")
+    assert result["step"] == 8 and result["stopped_by"] is None
+    assert "step 3: non-finite loss or gradient, step skipped (1 skipped so far)" in caplog.text
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [r["skipped_steps"] for r in trains] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert saved_step(run_dir) == 8
+
+
+def test_nan_weights_are_never_saved(tiny_training):
+    from nanogpt.train import NonFiniteStep
+
+    run, poison, run_dir = tiny_training
+    poison("weights", 3)  # after step 3 the weights are NaN; step 4 is skipped; its checkpoint is refused
+    with pytest.raises(NonFiniteStep, match="the weights are not finite at step 4; nothing was saved"):
+        run("on_nonfinite=skip")
+    assert saved_step(run_dir) == 2
+    from nanogpt.checkpoint import CheckpointDir
+
+    assert CheckpointDir(run_dir / "checkpoints").verify(run_dir / "checkpoints" / "last.pt") is None
