@@ -44,6 +44,7 @@ FORMAT = "nanogpt-checkpoint"
 VERSION = 1
 CHECKSUMS = "checksums.json"
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_VERIFIED: set[tuple] = set()  # files whose SHA-256 this process checked: (path, inode, size, mtime)
 
 log = logging.getLogger("nanogpt")
 
@@ -236,28 +237,46 @@ class CheckpointDir:
         """None if path matches its recorded size and SHA-256, else what is wrong with it.
         A file that checksums.json does not know (written by an older version) passes here and
         is left to torch.load's own checks."""
-        record = self._read_checksums()
-        size = path.stat().st_size
-        expected = record["checksums"].get(record["files"].get(path.name, ""))
-        if expected is not None and expected["bytes"] != size:
-            return f"it is {size:,} bytes but was written as {expected['bytes']:,} (truncated?)"
-        if not record["checksums"]:
+        stat = path.stat()
+        identity = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if identity in _VERIFIED:
             return None
-        if _sha256_of(path) not in record["checksums"]:
+        record = self._read_checksums()
+        expected = record["checksums"].get(record["files"].get(path.name, ""))
+        if expected is not None and expected["bytes"] != stat.st_size:
+            return f"it is {stat.st_size:,} bytes but was written as {expected['bytes']:,} (truncated?)"
+        if record["checksums"] and _sha256_of(path) not in record["checksums"]:
             return "its SHA-256 matches no checkpoint this run wrote (corrupt?)"
+        _VERIFIED.add(identity)
         return None
+
+    def check_any_good(self) -> None:
+        """A UserError naming what is wrong with each checkpoint, unless one passes its checks.
+        (Preflight calls this; the hashes it computes are not computed again when the run loads.)"""
+        problems = []
+        for path in self._distinct_candidates():
+            problem = self.verify(path)
+            if problem is None:
+                return
+            problems.append(f"{path.name} is unusable: {problem}")
+        raise UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; start the run again in a "
+                        f"fresh dir (reproduce=<run dir>)")
+
+    def _distinct_candidates(self) -> list[Path]:
+        """candidates(), each file once (last.pt and the newest step-N.pt are one file)."""
+        distinct, seen = [], set()
+        for path in self.candidates():
+            if path.stat().st_ino not in seen:
+                seen.add(path.stat().st_ino)
+                distinct.append(path)
+        return distinct
 
     def load_latest_good(self) -> tuple[dict, Path]:
         """The newest checkpoint that passes its checks and loads; says which ones it skipped."""
-        candidates = self.candidates()
-        if not candidates:
+        if not self.candidates():
             raise UserError(f"{self.path} holds no checkpoint (last.pt, step-N.pt or best.pt) to resume from")
-        problems, seen = [], set()
-        for path in candidates:
-            inode = path.stat().st_ino
-            if inode in seen:  # another name of a file already tried
-                continue
-            seen.add(inode)
+        problems = []
+        for path in self._distinct_candidates():
             problem = self.verify(path)
             if problem is None:
                 try:
@@ -272,7 +291,8 @@ class CheckpointDir:
                     log.warning(f"{'; '.join(problems)}; resuming from {path.name} (step {payload['step']}) instead")
                 return payload, path
             problems.append(f"{path.name} is unusable: {problem}")
-        raise UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}")
+        raise UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; start the run again in a "
+                        f"fresh dir (reproduce=<run dir>)")
 
     def _read_checksums(self) -> dict:
         try:

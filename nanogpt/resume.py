@@ -112,6 +112,10 @@ def plan_run(cfg: DictConfig) -> None:
                 f"resume={resume} holds no checkpoint to continue from (it stopped before its first save, or ran "
                 f"with save_checkpoints=false): start it again with reproduce={resume}"
             )
+        snapshot = OmegaConf.load(source / "config.resolved.yaml")
+        _apply_overrides(snapshot, cfg, f"resume={resume}", allowed=is_resumable)
+        snapshot.resume = resume
+        _replace_task_config(cfg, snapshot, source)
         with read_write(cfg), open_dict(cfg):
             cfg.hydra.run.dir = str(source)
 
@@ -121,6 +125,8 @@ def plan_run(cfg: DictConfig) -> None:
         refuse_overwrite(run_dir)
     if resume != "never" and (run_dir / "config.resolved.yaml").is_file():
         _continue_in_place(cfg, run_dir)
+    if resume != "never" and CheckpointDir(run_dir / "checkpoints").candidates():
+        CheckpointDir(run_dir / "checkpoints").check_any_good()  # a corrupt run is named before Hydra writes
     if (run_dir / ".hydra").is_dir():  # keep the run's first snapshot; this start's goes beside it
         n = 1 + len(list((run_dir / ".hydra").glob("resume-*")))
         with read_write(cfg), open_dict(cfg):
