@@ -246,9 +246,12 @@ def test_secrets_in_the_environment_never_reach_the_run_dir(tmp_path, shakespear
 
     # made at run time: a literal here would sit in the git diff that provenance.json records
     secrets = {"WANDB_API_KEY": uuid.uuid4().hex + uuid.uuid4().hex[:8], "HF_TOKEN": f"hf_{uuid.uuid4().hex}"}
-    result = run_cli("nanogpt.train", f"data.source={shakespeare_path}", "max_iters=2", "eval_iters=1",
-                     "logger=wandb", "logger.mode=offline", cwd=tmp_path, env=secrets)
-    assert result.returncode == 0, result.stderr
+    for max_iters in (2, 4):  # a run, then its continuation (resume=auto, same dir)
+        result = run_cli("nanogpt.train", f"data.source={shakespeare_path}", f"max_iters={max_iters}", "eval_iters=1",
+                         "eval_interval=2", "logger=wandb", "logger.mode=offline", "hydra.run.dir=outputs/secret",
+                         cwd=tmp_path, env=secrets)
+        assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
     files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
     assert any(p.name == "provenance.json" for p in files) and any("wandb" in p.parts for p in files)
     for path in files:
