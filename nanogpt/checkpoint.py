@@ -15,8 +15,8 @@ loads with `weights_only=True`:
 A run's `checkpoints/` dir holds `last.pt` (the newest), `best.pt` (lowest val loss) and the last
 K `step-NNNNNNNN.pt`. They are names of files written once: each save writes one new file and
 links the names to it, so `last.pt` and the newest step file cost no extra disk. Every file's
-SHA-256 and size go to `checksums.json`, so a truncated or corrupt file is found and named, and
-resuming falls back to the newest good one.
+SHA-256 and size go to `checksums.json` before a name points to it, so a truncated or corrupt
+file is found and named, and resuming falls back to the newest good one.
 
 Writes go to a temp file in the same dir, are fsynced, then renamed over the target: a crash
 mid-save leaves the previous files intact.
@@ -165,9 +165,11 @@ class CheckpointWriteError(UserError):
 class CheckpointDir:
     """A run's checkpoints/ dir: save a step under its names, and find the newest good checkpoint.
 
-    checksums.json maps each name to the SHA-256 of its file, and each SHA-256 to the file's size
-    and step. A file is recorded there before any name points to it, so every name that a crash
-    leaves behind can be checked.
+    checksums.json maps the SHA-256 of every checkpoint file to its size and step, and each name
+    to the SHA-256 and inode of its file. A file's hash is recorded before any name points to it,
+    so a file is good exactly when its own hash is recorded: a crash at any point of a save leaves
+    every name checkable. The name map only decides which hashes are still needed; a name whose
+    file changed behind its back (a crash mid-save, a copied run dir) is hashed again.
     """
 
     def __init__(self, path: str | Path, keep_last: int = 0):
@@ -178,33 +180,31 @@ class CheckpointDir:
 
     def save(self, payload: dict[str, Any], step: int, best: bool) -> Path:
         """Write the checkpoint of `step` as last.pt, plus step-N.pt (when keep_last > 0) and
-        best.pt (when `best`); drop step files beyond the newest keep_last. Returns last.pt."""
+        best.pt (when `best`); keep the newest keep_last step files. Returns last.pt."""
         last = self.path / "last.pt"
         try:
             tmp, info = _write_temp(payload, self.path, last.name)
             try:
                 record = self._read_checksums()
                 record["checksums"][info["sha256"]] = {"bytes": info["bytes"], "step": step}
-                _write_json(self.path / CHECKSUMS, record)
+                _write_json(self.path / CHECKSUMS, record)  # known before any name points to it
                 os.replace(tmp, last)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(self.path)
-            names = ["last.pt"]
+            names = [last]
             if self.keep_last > 0:
-                link_as(last, self.path / f"step-{step:08d}.pt")
-                names.append(f"step-{step:08d}.pt")
+                names.append(self.path / f"step-{step:08d}.pt")
+                link_as(last, names[-1])
             if best:
-                link_as(last, self.path / "best.pt")
-                names.append("best.pt")
-            for name in names:
-                record["files"][name] = info["sha256"]
-            for old in self.step_files()[self.keep_last:]:
+                names.append(self.path / "best.pt")
+                link_as(last, names[-1])
+            for old in self._step_files_to_drop(step):
                 old.unlink()
-                record["files"].pop(old.name, None)
-            referenced = set(record["files"].values())
-            record["checksums"] = {k: v for k, v in record["checksums"].items() if k in referenced}
+            for name in names:
+                record["files"][name.name] = {"sha256": info["sha256"], "inode": last.stat().st_ino}
+            self._forget_unused(record)
             _write_json(self.path / CHECKSUMS, record)
         except OSError as e:
             raise CheckpointWriteError(
@@ -213,6 +213,31 @@ class CheckpointDir:
                 f"resume={self.path.parent}"
             ) from e
         return last
+
+    def _step_files_to_drop(self, step: int) -> list[Path]:
+        """Step files beyond the newest keep_last, and any of a later step than this one (left by a
+        run that fell back to an older checkpoint: this run has replaced them)."""
+        files = self.step_files()
+        later = [p for p in files if _step_of(p) > step]
+        kept = [p for p in files if _step_of(p) <= step][: self.keep_last]
+        return [p for p in files if p in later or p not in kept]
+
+    def _forget_unused(self, record: dict) -> None:
+        """Drop the names that are gone and the hashes no name needs. A name whose inode changed
+        since it was recorded is hashed again first, so no good file loses its hash."""
+        files = {}
+        for name in self.candidates():
+            entry = record["files"].get(name.name)
+            inode = name.stat().st_ino
+            if not isinstance(entry, dict) or entry.get("inode") != inode:
+                sha = _sha256_of(name)
+                if sha not in record["checksums"]:
+                    continue  # not one of ours, or corrupt: nothing to keep for it
+                entry = {"sha256": sha, "inode": inode}
+            files[name.name] = entry
+        record["files"] = files
+        needed = {entry["sha256"] for entry in files.values()}
+        record["checksums"] = {k: v for k, v in record["checksums"].items() if k in needed}
 
     def remove_partial_writes(self) -> list[Path]:
         """Delete the temp files of saves that a crash or a kill interrupted."""
@@ -225,8 +250,7 @@ class CheckpointDir:
 
     def step_files(self) -> list[Path]:
         """step-N.pt files, newest first."""
-        found = [(int(m.group(1)), p) for p in self.path.glob("step-*.pt") if (m := STEP_FILE.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
+        return sorted((p for p in self.path.glob("step-*.pt") if STEP_FILE.match(p.name)), key=_step_of, reverse=True)
 
     def candidates(self) -> list[Path]:
         """Every checkpoint file of the dir, in the order a resume tries them: last, steps, best."""
@@ -234,18 +258,19 @@ class CheckpointDir:
         return [p for p in names if p.is_file()]
 
     def verify(self, path: Path) -> str | None:
-        """None if path matches its recorded size and SHA-256, else what is wrong with it.
-        A file that checksums.json does not know (written by an older version) passes here and
-        is left to torch.load's own checks."""
+        """None if path's SHA-256 is one this run recorded, else what is wrong with it. With no
+        checksums.json (a run dir of an older version) a file passes here and is left to
+        torch.load's own checks."""
         stat = path.stat()
         identity = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if identity in _VERIFIED:
             return None
         record = self._read_checksums()
-        expected = record["checksums"].get(record["files"].get(path.name, ""))
-        if expected is not None and expected["bytes"] != stat.st_size:
-            return f"it is {stat.st_size:,} bytes but was written as {expected['bytes']:,} (truncated?)"
         if record["checksums"] and _sha256_of(path) not in record["checksums"]:
+            entry = record["files"].get(path.name)
+            written = record["checksums"].get(entry.get("sha256")) if isinstance(entry, dict) else None
+            if written is not None and written["bytes"] != stat.st_size:
+                return f"it is {stat.st_size:,} bytes but was written as {written['bytes']:,} (truncated?)"
             return "its SHA-256 matches no checkpoint this run wrote (corrupt?)"
         _VERIFIED.add(identity)
         return None
@@ -302,6 +327,10 @@ class CheckpointDir:
         except (OSError, ValueError, AttributeError):
             pass
         return {"files": {}, "checksums": {}}
+
+
+def _step_of(step_file: Path) -> int:
+    return int(STEP_FILE.match(step_file.name).group(1))
 
 
 def load_file(path: str | Path, mmap: bool = True) -> dict:

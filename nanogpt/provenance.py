@@ -1,7 +1,8 @@
 """What a run records about itself, so that six months later its numbers can be traced to code.
 
 Every run dir gets, besides Hydra's `.hydra/` snapshot:
-    config.resolved.yaml  the config exactly as the code used it (interpolations and env resolved)
+    config.resolved.yaml  the config exactly as the code uses it (interpolations resolved); a resumed
+                          run rewrites it, and records what it changed in provenance.json
     provenance.json       code (git commit, branch, dirty flag, diff), command line, versions, host,
                           SLURM ids, seed, start/end time and status: running | done | failed |
                           preempted; each resume appended to `resumes`; a reproduction's source run
@@ -94,10 +95,15 @@ class RunRecord:
     A run that continues in its dir (resume) keeps its record: the first start's fields stay,
     and each later start appends to `resumes`. A reproduced run names its source run."""
 
-    def __init__(self, run_dir: Path, seed: int, resolved_yaml: str,
+    def __init__(self, run_dir: Path, seed: int, resolved: dict,
                  resumed_from: tuple[Path, int] | None = None, reproduced_from: str | None = None):
+        from omegaconf import OmegaConf
+
+        from nanogpt.resume import flatten
+
         self.run_dir = Path(run_dir)
         path = self.run_dir / "provenance.json"
+        config_path = self.run_dir / "config.resolved.yaml"
         this_start = {
             "start_time": _now(),
             "argv": sys.argv,
@@ -108,20 +114,26 @@ class RunRecord:
             "git": git_state(),
         }
         previous = _read_json(path)
+        if previous is None and path.exists():  # unreadable: keep it for a person to look at
+            path.rename(path.with_name(f"provenance.unreadable-{int(time.time())}.json"))
         if previous is not None:  # this dir's run continues (or restarts before its first checkpoint)
             warnings = code_differences(previous.get("git", {}), this_start["git"])
+            before = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.exists() else {}
+            after = flatten(resolved)
+            changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
+                       if before.get(k) != after.get(k)}
             self.record = previous
             self.record.setdefault("resumes", []).append({
                 **this_start,
                 "from_checkpoint": str(resumed_from[0]) if resumed_from else None,
                 "from_step": resumed_from[1] if resumed_from else 0,
+                "changed": changed,  # config keys this start changed: {key: [before, now]}
                 "versions": versions(),
                 "warnings": warnings,
             })
             self.record.update(status="running", end_time=None)
             (self.run_dir / "DONE").unlink(missing_ok=True)
         else:
-            (self.run_dir / "config.resolved.yaml").write_text(resolved_yaml)
             warnings = []
             self.record = {"status": "running", **this_start, "end_time": None, "world_size": 1, "seed": seed,
                            "versions": versions()}
@@ -133,6 +145,9 @@ class RunRecord:
                     "git_commit": source.get("git", {}).get("commit"),
                     "warnings": warnings,
                 }
+        tmp = config_path.with_name(".config.resolved.yaml.tmp")  # the config the code uses from now on
+        tmp.write_text(OmegaConf.to_yaml(resolved))
+        os.replace(tmp, config_path)
         for warning in warnings:
             log.warning(f"warning: {warning}")
         self._wall_before = self.record.get("wall_seconds", 0.0)

@@ -66,7 +66,7 @@ def refuse_changes(old: dict, new: dict, run_dir: Path | str) -> None:
 
 def refuse_overwrite(run_dir: Path) -> None:
     raise ConfigError(
-        f"{run_dir} already holds the checkpoints of a run and resume=never would overwrite them: "
+        f"{run_dir} already holds a run and resume=never would start another over it: "
         f"pick a fresh hydra.run.dir, or set resume=auto to continue that run"
     )
 
@@ -121,7 +121,7 @@ def plan_run(cfg: DictConfig) -> None:
 
     run_dir = Path(str(cfg.hydra.run.dir))
     check_writable(run_dir)
-    if resume == "never" and CheckpointDir(run_dir / "checkpoints").candidates():
+    if resume == "never" and (run_dir / "provenance.json").exists():
         refuse_overwrite(run_dir)
     if resume != "never" and (run_dir / "config.resolved.yaml").is_file():
         _continue_in_place(cfg, run_dir)
@@ -166,7 +166,7 @@ def _apply_overrides(snapshot: DictConfig, cfg: DictConfig, what: str, allowed) 
     groups = set(cfg.hydra.runtime.choices.keys()) if "runtime" in cfg.hydra else set()
     for override in OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task)):
         key = override.key_or_group
-        if key.startswith("hydra.") or key in ("resume", "reproduce"):
+        if key.startswith(("hydra.", "hydra/")) or key in ("resume", "reproduce"):
             continue
         text = override.input_line
         if override.is_delete() or override.is_add() or override.package is not None or key == "experiment":

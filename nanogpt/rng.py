@@ -1,6 +1,6 @@
 """Every random number generator a training step draws from, captured and restored as a whole.
 
-Dropout draws from torch's generator of its device, anything a user adds may draw from Python's
+Dropout draws from torch's generator of its device (CPU, CUDA or MPS), anything a user adds may draw from Python's
 `random` or NumPy's global generator: an exact resume restores them all. The state is kept as
 tensors and plain values, so it travels in a checkpoint that loads with `weights_only=True`.
 """
@@ -29,6 +29,8 @@ def capture(device: str | torch.device) -> dict:
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -40,6 +42,8 @@ def restore(state: dict, device: str | torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _as_tuples(value):

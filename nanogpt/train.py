@@ -103,6 +103,7 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
 
     A step whose loss or gradient is not finite is not applied: it raises NonFiniteStep
     (on_nonfinite=stop), or is skipped (skip), as fp16's grad scaler skips an overflowing step.
+    Under fp16 an overflowing gradient is the scaler's to handle: skipped, never a stop.
     Returns the mean loss and the gradient norm (tensors: reading them syncs the device), the
     next batch, and whether the step was applied."""
     import torch
@@ -132,10 +133,9 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         if scaler.is_enabled():
             scaler.update()  # unscale_ saw the overflow: the next step tries a lower scale
     elif scaler.is_enabled():
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skipped by the scaler if the gradients overflowed
+        scaler.step(optimizer)  # the scaler skips it if the gradients overflowed (unscale_ saw it)
         scaler.update()
-        applied = scaler.get_scale() >= scale  # an overflow lowers the scale
+        applied = grad_ok
     else:
         optimizer.step()
         applied = True
@@ -151,6 +151,7 @@ class Progress:
     best_val_loss: float = float("inf")
     skipped_steps: int = 0
     wandb_run_id: str | None = None
+    evaluated: bool = False  # the evaluation of this step ran (a resumed run does not repeat it)
 
 
 def checkpoint_payload(t: Training, progress: Progress, next_batch, data_meta: dict, resolved_config: dict) -> dict:
@@ -167,6 +168,8 @@ def checkpoint_payload(t: Training, progress: Progress, next_batch, data_meta: d
         "data_meta": data_meta,
         "config": json.dumps(resolved_config, default=str),
         "resume": {  # what an exact resume needs besides the above
+            "hardware": {"device_type": t.hw.device_type, "dtype": str(t.hw.dtype)},
+            "evaluated": progress.evaluated,
             "rng": rng.capture(t.hw.device),
             "data_rng": t.data_rng.get_state(),
             "next_batch": [b.cpu() for b in next_batch],  # drawn ahead, before the last evaluation's draws
@@ -176,10 +179,17 @@ def checkpoint_payload(t: Training, progress: Progress, next_batch, data_meta: d
     }
 
 
-def restore(t: Training, payload: dict, data_meta: dict) -> tuple[Progress, tuple]:
-    """Put a checkpoint's state back into t and the RNGs. Returns the progress and the next batch."""
-    from nanogpt import rng
-
+def restore(t: Training, payload: dict, data_meta: dict) -> tuple[Progress, tuple, dict]:
+    """Put a checkpoint's state back into t. Returns the progress, the next batch, and the RNG
+    states (for `rng.restore` right before the loop: nothing may draw between it and the loop)."""
+    state = payload["resume"]
+    then, now = state["hardware"], {"device_type": t.hw.device_type, "dtype": str(t.hw.dtype)}
+    if then != now:  # another device or dtype would not continue the same run
+        raise UserError(
+            f"the run trained on {then['device_type']} in {then['dtype']} and this one would run on "
+            f"{now['device_type']} in {now['dtype']}: continue it on the same hardware (set hardware.device and "
+            f"hardware.dtype), or start a new run with init_from=<run dir>"
+        )
     saved_meta = payload.get("data_meta") or {}
     for key in ("vocab_size", "train_tokens", "val_tokens", "encoding"):
         if saved_meta.get(key) != data_meta.get(key):
@@ -190,11 +200,10 @@ def restore(t: Training, payload: dict, data_meta: dict) -> tuple[Progress, tupl
     t.raw_model.load_state_dict(payload["model"])
     t.optimizer.load_state_dict(payload["optimizer"])
     t.scaler.load_state_dict(payload["scaler"])
-    state = payload["resume"]
     t.data_rng.set_state(state["data_rng"])
-    rng.restore(state["rng"], t.hw.device)
-    progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"])
-    return progress, tuple(b.to(t.hw.device) for b in state["next_batch"])
+    progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"],
+                        state["evaluated"])
+    return progress, tuple(b.to(t.hw.device) for b in state["next_batch"]), state["rng"]
 
 
 def all_finite(model: "torch.nn.Module") -> bool:
@@ -207,6 +216,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     """Train (or continue, from resume_from's checkpoint) and return the final step and losses."""
     import torch
 
+    from nanogpt import rng
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics
@@ -222,9 +232,9 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
         "train": train_batches,
         "val": RandomWindows(data_dir / "val.bin", data_meta["dtype"], **windows),
     }
-    progress, batch = Progress(), None
+    progress, batch, rng_state = Progress(), None, None
     if resume_from is not None:
-        progress, batch = restore(t, resume_from, data_meta)
+        progress, batch, rng_state = restore(t, resume_from, data_meta)
     start_step = progress.step
 
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
@@ -262,21 +272,23 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     progress.wandb_run_id = metrics.wandb_run_id
     if batch is None:
         batch = train_batches.next_batch()
+    if rng_state is not None:
+        rng.restore(rng_state, hw.device)
     # plain locals for the hot path: no config lookups or recomputation between log lines
     max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
     eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
     on_nonfinite = config.on_nonfinite
     flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step
-    last_eval, saved_step, stopped_by = {}, None, None
+    last_eval, stopped_by = {}, None
+    saved_step = start_step if resume_from is not None else None  # the step of the newest checkpoint
     t_last, steps_since_log = time.perf_counter(), 0
     with StopRequest() as stop:  # a signal only asks; the loop stops at the next step boundary
         try:
             while True:
                 step = progress.step
-                # a checkpoint is taken after its step's evaluation: a resumed run does not repeat it
-                evaluated_before_resume = resume_from is not None and step == start_step
-                if (step % eval_interval == 0 or step == max_iters or eval_only) and not evaluated_before_resume:
+                if (step % eval_interval == 0 or step == max_iters or eval_only) and not progress.evaluated:
                     last_eval = evaluate()
+                    progress.evaluated = True
                     metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
                     log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
                     # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
@@ -304,17 +316,20 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                 try:
                     loss_sum, grad_norm, batch, applied = optimizer_step(t, train_batches, batch, grad_accum, grad_clip, on_nonfinite)
                 except NonFiniteStep as e:
-                    last = f"the last checkpoint is step {saved_step}" if saved_step else "no checkpoint was saved"
+                    last = f"the last checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved"
                     raise NonFiniteStep(
                         f"step {step + 1}: {e} (the step was not applied; {last}): lower optim.lr or raise "
                         f"optim.warmup_iters, or set on_nonfinite=skip to skip such steps"
                     ) from None
                 progress.step += 1
+                progress.evaluated = False
                 steps_since_log += 1
                 if not applied:
                     progress.skipped_steps += 1
-                    log.warning(f"step {progress.step}: non-finite loss or gradient, step skipped "
-                                f"({progress.skipped_steps} skipped so far)")
+                    # fp16's scaler skips overflowing steps as a matter of course while it finds its scale
+                    (log.debug if t.scaler.is_enabled() else log.warning)(
+                        f"step {progress.step}: non-finite loss or gradient, step skipped "
+                        f"({progress.skipped_steps} skipped so far)")
 
                 if progress.step % log_interval == 0 or progress.step == max_iters:
                     train_loss = float(loss_sum)
@@ -363,10 +378,10 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict) -> 
         return None, None
     if config.resume == "never":
         refuse_overwrite(run_dir)
-    for partial in checkpoints.remove_partial_writes():
-        log.info(f"removed {partial.name}, left by a save that was interrupted")
     payload, path = checkpoints.load_latest_good()
     refuse_changes(json.loads(payload["config"]), resolved, run_dir)
+    for partial in checkpoints.remove_partial_writes():
+        log.info(f"removed {partial.name}, left by a save that was interrupted")
     log.info(f"resuming from {path} (step {payload['step']})")
     return payload, path
 
@@ -385,7 +400,7 @@ def _main(cfg: DictConfig) -> dict:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resume_from, resume_path = checkpoint_to_resume(config, run_dir, resolved)
         record = RunRecord(
-            run_dir, config.seed, OmegaConf.to_yaml(resolved),
+            run_dir, config.seed, resolved,
             resumed_from=None if resume_from is None else (resume_path, resume_from["step"]),
             reproduced_from=config.reproduce,
         )

@@ -79,7 +79,7 @@ CASES = [
     ("reproduce with another experiment", ["reproduce={base}/finished", "experiment=gpt2_124m"],
      ["not experiment=gpt2_124m", "start a new run"]),
     ("a fresh start over a run's checkpoints", ["hydra.run.dir={base}/finished", "resume=never"],
-     ["already holds the checkpoints", "resume=never would overwrite", "fresh hydra.run.dir"]),
+     ["already holds a run", "resume=never would start another over it", "fresh hydra.run.dir"]),
     ("another run's dir with another config", ["hydra.run.dir={base}/finished", "model.n_embd=64"],
      ["holds a run with model.n_embd=128", "this command sets 64", "fresh dir"]),
     ("resume in a sweep", ["-m", "resume={base}/finished", "max_iters=8,16"], ["not a sweep", "drop -m"]),

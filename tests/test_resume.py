@@ -246,6 +246,12 @@ def test_extending_a_finished_run_keeps_its_schedule_and_appends_to_its_wandb_ru
         assert offline_run.name.endswith(f"-{run_id}")
         assert (offline_run / f"run-{run_id}.wandb").is_file()
     assert [r["step"] for r in losses(run_dir) if r["kind"] == "eval"] == [0, 10, 20, 30]
+    assert json.loads((run_dir / "provenance.json").read_text())["resumes"][-1]["changed"] == {"max_iters": [20, 30]}
+
+    # resume=<run dir> starts from the run's latest config: 30 steps, all done
+    again = run_cli("nanogpt.train", f"resume={run_dir}", cwd=cwd)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do: the run already reached max_iters=30" in again.stdout
 
 
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(workspace):
@@ -272,3 +278,46 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(
     assert torch.load(checkpoints.path / "last.pt", weights_only=True)["step"] == 10
     assert not list(checkpoints.path.glob(".*.tmp"))
     assert json.loads((copy / "provenance.json").read_text())["status"] == "failed"
+
+
+def tiny_payload(step: int) -> dict:
+    return {"model": {"w": torch.full((1000,), float(step))}, "step": step, "resume": {}}
+
+
+def test_every_name_stays_checkable_when_a_save_dies_between_its_steps(tmp_path, monkeypatch):
+    """A save that dies after last.pt was renamed but before its names were recorded (here: in
+    the link of best.pt) leaves a dir whose every file still verifies, also after later saves
+    have pruned checksums.json."""
+    from nanogpt import checkpoint
+    from nanogpt.checkpoint import CheckpointDir
+
+    ckpts = CheckpointDir(tmp_path, keep_last=2)
+    ckpts.save(tiny_payload(10), 10, best=True)
+    link_as = checkpoint.link_as
+
+    def die_at_best(source, target):
+        if target.name == "best.pt":
+            raise KeyboardInterrupt  # a second Ctrl-C
+        link_as(source, target)
+
+    monkeypatch.setattr(checkpoint, "link_as", die_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save(tiny_payload(20), 20, best=True)
+    monkeypatch.setattr(checkpoint, "link_as", link_as)
+    for step in (30, 40):  # later saves, neither of them best: best.pt keeps step 10's file
+        ckpts.save(tiny_payload(step), step, best=False)
+    names = {p.name: torch.load(p, weights_only=True)["step"] for p in ckpts.candidates()}
+    assert names == {"last.pt": 40, "step-00000040.pt": 40, "step-00000030.pt": 30, "best.pt": 10}
+    for path in ckpts.candidates():
+        checkpoint._VERIFIED.clear()
+        assert ckpts.verify(path) is None, path.name
+
+
+def test_a_run_that_fell_back_replaces_the_step_files_of_its_abandoned_steps(tmp_path):
+    from nanogpt.checkpoint import CheckpointDir
+
+    ckpts = CheckpointDir(tmp_path, keep_last=3)
+    for step in (10, 20, 30):
+        ckpts.save(tiny_payload(step), step, best=False)
+    ckpts.save(tiny_payload(20), 20, best=False)  # resumed from step 10, evaluated again at 20
+    assert [p.name for p in ckpts.step_files()] == ["step-00000020.pt", "step-00000010.pt"]
