@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import BenchConfig, ConfigError
+from nanogpt.config import BenchConfig, ConfigError, check_world_size
 
 log = logging.getLogger("nanogpt")
 
@@ -52,6 +52,7 @@ def run_benchmark(config: BenchConfig) -> dict:
 
         vocab = config.model.vocab_size or (load_meta(config.data.dir)["vocab_size"] if is_prepared(config.data.dir) else 50304)
         data_meta = {"vocab_size": vocab}
+    accum = check_world_size(config, 1)  # the benchmark runs one process
     t = build_training(config, data_meta)
     hw, raw_model = t.hw, t.raw_model
     batch_args = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng)
@@ -67,13 +68,13 @@ def run_benchmark(config: BenchConfig) -> dict:
         nonlocal batch
         loss = None
         for _ in range(n):
-            loss, _, batch, _ = optimizer_step(t, batches, batch, config.grad_accum, config.optim.grad_clip,
-                                               config.on_nonfinite)
+            step = optimizer_step(t, batches, batch, accum, config.optim.grad_clip, config.on_nonfinite)
+            loss, batch = step.loss, step.next_batch
         return loss
 
     log.info(
         f"benchmarking {raw_model.get_num_params() / 1e6:.2f}M parameters (vocab {raw_model.config.vocab_size}), "
-        f"{config.batch_size} x {config.block_size} x {config.grad_accum} tokens per step, {hw.describe()}, "
+        f"{config.batch_size} x {config.block_size} x {accum} tokens per step, {hw.describe()}, "
         f"{'real' if b.real_data else 'random'} data"
     )
     steps(b.warmup_steps)
@@ -94,7 +95,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     loss = steps(b.steps)
     sync()
     dt = (time.perf_counter() - start) / b.steps
-    tokens_per_s = config.batch_size * config.block_size * config.grad_accum / dt
+    tokens_per_s = config.batch_size * config.block_size * accum / dt
     mfu = raw_model.estimate_mfu(tokens_per_s, config.block_size, hw.peak_flops)
     result = {"ms_per_iter": dt * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu, "loss": float(loss)}
     log.info(

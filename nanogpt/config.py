@@ -110,6 +110,9 @@ class HardwareConfig:
     compile: Optional[bool] = None  # torch.compile the model; None: on cuda only
     tf32: bool = True  # allow TF32 matmuls and convolutions on Ampere and newer GPUs
     peak_flops: Optional[float] = None  # per device, for MFU; None: known GPU table, else measured
+    nproc_per_node: int = 1  # processes per node, one per GPU; > 1 on one machine: nanogpt-train starts them
+    nnodes: int = 1  # nodes of the run (for the SLURM launcher; torchrun and srun say it themselves)
+    backend: Optional[str] = None  # process-group backend; None: nccl on cuda, gloo elsewhere
 
 
 @dataclass
@@ -133,9 +136,11 @@ class TrainConfig:
     # a run dir or checkpoint file of ours | a nanoGPT ckpt.pt
     init_from: str = "scratch"
     seed: int = 1337
-    batch_size: int = 12  # sequences per micro-step
+    batch_size: int = 12  # sequences per micro-step, per process
     block_size: int = II("model.block_size")  # training context length; at most model.block_size
-    grad_accum: int = 1  # micro-steps per optimizer step
+    # sequences per optimizer step, over all processes; gradient accumulation is derived from it:
+    # global_batch_size / (batch_size x processes). None: batch_size x processes (no accumulation)
+    global_batch_size: Optional[int] = None
     max_iters: int = 2000  # optimizer steps
     eval_interval: int = 250  # evaluate (and save) every this many steps, and at the last step
     eval_iters: int = 20  # batches per split in each evaluation
@@ -212,9 +217,16 @@ def check_train_config(c: TrainConfig) -> None:
             f"block_size={c.block_size} exceeds model.block_size={c.model.block_size}: "
             f"lower block_size or raise model.block_size"
         )
-    for key in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+    for key in ("block_size", "batch_size", "eval_interval", "eval_iters", "log_interval"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key}={getattr(c, key)} must be at least 1")
+    if c.global_batch_size is not None and c.global_batch_size < 1:
+        raise ConfigError(f"global_batch_size={c.global_batch_size} must be at least 1, or null (batch_size x processes)")
+    h = c.hardware
+    if h.nproc_per_node < 1 or h.nnodes < 1:
+        raise ConfigError("hardware.nproc_per_node and hardware.nnodes must be at least 1")
+    if h.backend not in (None, "gloo", "nccl", "mpi"):
+        raise ConfigError(f"hardware.backend={h.backend!r} is not known: use gloo, nccl, mpi or null")
     if c.keep_checkpoints < 0:
         raise ConfigError(f"keep_checkpoints={c.keep_checkpoints} must be >= 0 (0 keeps only last.pt and best.pt)")
     if c.reproduce is not None and c.resume not in ("auto", "never"):
@@ -240,6 +252,27 @@ def check_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"hardware.peak_flops={c.hardware.peak_flops} must be positive, or null")
     if c.logger.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"logger.mode={c.logger.mode!r} must be online, offline, disabled or null")
+
+
+def check_world_size(c: TrainConfig, world_size: int) -> int:
+    """The rules that depend on the number of processes. Returns the micro-steps per optimizer
+    step that make up the global batch on world_size processes."""
+    if c.eval_iters % world_size:
+        raise ConfigError(
+            f"eval_iters={c.eval_iters} is not a multiple of the {world_size} processes (each evaluates an equal "
+            f"share): set eval_iters={max(1, round(c.eval_iters / world_size)) * world_size}"
+        )
+    per_micro_step = c.batch_size * world_size
+    if c.global_batch_size is None:
+        return 1
+    if c.global_batch_size % per_micro_step:
+        fits = max(1, round(c.global_batch_size / per_micro_step)) * per_micro_step
+        raise ConfigError(
+            f"global_batch_size={c.global_batch_size} is not a multiple of batch_size x processes = "
+            f"{c.batch_size} x {world_size} = {per_micro_step}: set global_batch_size={fits}, or a batch_size "
+            f"that divides {c.global_batch_size // world_size if c.global_batch_size % world_size == 0 else 'it'}"
+        )
+    return c.global_batch_size // per_micro_step
 
 
 def register_schemas() -> None:

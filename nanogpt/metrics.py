@@ -47,6 +47,18 @@ class Metrics:
             self._wandb_run = None
 
 
+class NoMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
+
+    wandb_run_id = None
+
+    def log(self, step: int, kind: str, **values: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _rewind(path: Path, resumed_at: int | None) -> None:
     """Keep the records of steps up to resumed_at (none for a run that starts at step 0)."""
     if not path.exists():

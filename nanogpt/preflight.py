@@ -18,7 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import to_object, user_errors
-from nanogpt.config import ConfigError, TrainConfig, UserError, check_train_config
+from nanogpt.config import ConfigError, TrainConfig, UserError, check_train_config, check_world_size
+from nanogpt.distributed import planned_world_size
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -98,6 +99,7 @@ class Preflight(Callback):
                 to_train_config(config)  # the command line's own mistakes first
                 plan_run(config)
             train_config = to_train_config(config)
+            check_world_size(train_config, planned_world_size(train_config.hardware))
             check_init_from(train_config)
             check_hardware(train_config)
             if self.check_data:

@@ -95,7 +95,7 @@ class RunRecord:
     A run that continues in its dir (resume) keeps its record: the first start's fields stay,
     and each later start appends to `resumes`. A reproduced run names its source run."""
 
-    def __init__(self, run_dir: Path, seed: int, resolved: dict,
+    def __init__(self, run_dir: Path, seed: int, resolved: dict, world_size: int = 1,
                  resumed_from: tuple[Path, int] | None = None, reproduced_from: str | None = None):
         from omegaconf import OmegaConf
 
@@ -128,6 +128,7 @@ class RunRecord:
                 "from_checkpoint": str(resumed_from[0]) if resumed_from else None,
                 "from_step": resumed_from[1] if resumed_from else 0,
                 "changed": changed,  # config keys this start changed: {key: [before, now]}
+                "world_size": world_size,
                 "versions": versions(),
                 "warnings": warnings,
             })
@@ -135,7 +136,7 @@ class RunRecord:
             (self.run_dir / "DONE").unlink(missing_ok=True)
         else:
             warnings = []
-            self.record = {"status": "running", **this_start, "end_time": None, "world_size": 1, "seed": seed,
+            self.record = {"status": "running", **this_start, "end_time": None, "world_size": world_size, "seed": seed,
                            "versions": versions()}
             if reproduced_from is not None:
                 source = _read_json(Path(reproduced_from) / "provenance.json") or {}

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import NonFinite, TrainConfig, UserError
+from nanogpt.config import NonFinite, TrainConfig, UserError, check_world_size
+from nanogpt.distributed import DistEnv
 from nanogpt.signals import StopRequest
 
 if TYPE_CHECKING:
@@ -65,53 +68,75 @@ class Training:
     model: "torch.nn.Module"  # raw_model, or its torch.compile wrapper
     optimizer: "torch.optim.Optimizer"
     scaler: "torch.amp.GradScaler"
-    data_rng: "torch.Generator"  # the stream every batch is drawn from
+    data_rng: "torch.Generator"  # the stream every batch is drawn from (the same on every rank)
+    env: DistEnv = DistEnv()  # this process's rank in the run
 
 
-def build_training(config: TrainConfig, data_meta: dict) -> Training:
-    """Device, model, optimizer, grad scaler and batch stream for a config."""
+def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(), device: str | None = None) -> Training:
+    """Device, model, optimizer, grad scaler and batch stream for a config. With several
+    processes, `device` is this rank's (from distributed.init_process_group) and the model is
+    wrapped in DDP."""
     import torch
 
     from nanogpt import hardware
     from nanogpt.optim import build_optimizer
 
     hw = hardware.resolve(config.hardware)
-    torch.manual_seed(config.seed)
+    if device is not None:
+        hw.device = device
+    torch.manual_seed(config.seed)  # the same on every rank: the same initial weights
     raw_model = build_model(config, data_meta).to(hw.device)
     # Batches come from one stream, forked from the global RNG right after the model's init and
     # shared by training and evaluation draws: that is exactly the stream nanoGPT's get_batch
     # draws from, so with the same seed a run sees nanoGPT's batches and reproduces its numbers.
     # (As in nanoGPT, changing eval_interval or eval_iters therefore changes later batches.)
     data_rng = torch.Generator().set_state(torch.get_rng_state())
+    if env.is_distributed:
+        torch.manual_seed(config.seed + env.rank)  # each rank its own dropout masks
     optimizer = build_optimizer(raw_model, config.optim, hw.device_type)
     scaler = torch.amp.GradScaler(hw.device_type, enabled=hw.use_grad_scaler)
     model = raw_model
     if hw.compile:
         log.info("compiling the model (the first steps are slow)")
         model = torch.compile(raw_model)
+    if env.is_distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[torch.device(hw.device).index] if hw.device_type == "cuda" else None)
     if hw.peak_flops is None:  # measured in the dtype the matmuls of training run in
         hw.peak_flops = hardware.measure_peak_flops(hw.device, hw.dtype)
-    return Training(hw, raw_model, model, optimizer, scaler, data_rng)
+    return Training(hw, raw_model, model, optimizer, scaler, data_rng, env)
 
 
 class NonFiniteStep(UserError):
     """A step's loss or gradient was NaN or inf, and on_nonfinite=stop."""
 
 
-def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: float, on_nonfinite=NonFinite.stop):
-    """One optimizer step: grad_accum micro-steps under autocast, clip, step, zero grads.
+class Step(NamedTuple):
+    loss: "torch.Tensor"  # this rank's mean loss over the step's micro-steps (reading it syncs)
+    grad_norm: "torch.Tensor"  # of the (all-reduced) gradients, before clipping
+    next_batch: tuple  # the first batch of the next step, drawn ahead
+    applied: bool  # False: skipped (non-finite loss or gradient)
+    stop: bool  # some rank was asked to stop (a signal): all ranks stop after this step
+
+
+def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: float, on_nonfinite=NonFinite.stop,
+                   stop_requested: bool = False) -> Step:
+    """One optimizer step: grad_accum micro-steps under autocast, clip, step, zero grads. With
+    DDP the gradients are all-reduced on the last micro-step only.
 
     A step whose loss or gradient is not finite is not applied: it raises NonFiniteStep
     (on_nonfinite=stop), or is skipped (skip), as fp16's grad scaler skips an overflowing step.
-    Under fp16 an overflowing gradient is the scaler's to handle: skipped, never a stop.
-    Returns the mean loss and the gradient norm (tensors: reading them syncs the device), the
-    next batch, and whether the step was applied."""
+    Under fp16 an overflowing gradient is the scaler's to handle: skipped, never a stop."""
     import torch
 
     model, optimizer, scaler, hw = t.model, t.optimizer, t.scaler, t.hw
+    ddp = t.env.is_distributed
     x, y = batch
     loss_sum = 0.0
-    for _ in range(grad_accum):
+    for micro_step in range(grad_accum):
+        if ddp:  # all-reduce the gradients once, after the last micro-step's backward
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
         with hw.autocast():
             _, loss = model(x, y)
             loss = loss / grad_accum  # the gradients of the micro-steps add up to the mean
@@ -123,8 +148,14 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    # the one host sync of a step: whether to apply it must be known before it is applied
-    loss_ok, grad_ok = torch.stack([loss_sum.isfinite(), grad_norm.isfinite()]).tolist()
+    # the one host sync of a step: whether to apply it must be known before it is applied, and
+    # with several ranks they all decide alike (one tiny all-reduce: the minimum of each flag)
+    flags = torch.stack([loss_sum.isfinite(), grad_norm.isfinite(), torch.tensor(not stop_requested, device=grad_norm.device)]).float()
+    if ddp:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    loss_ok, grad_ok, go_on = (bool(f) for f in flags.tolist())
     if not loss_ok or (not grad_ok and not scaler.is_enabled()):  # fp16 overflow is the scaler's to handle
         if on_nonfinite == NonFinite.stop:
             what = "loss" if not loss_ok else "gradient norm"
@@ -140,7 +171,7 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         optimizer.step()
         applied = True
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, (x, y), applied
+    return Step(loss_sum, grad_norm, (x, y), applied, not go_on)
 
 
 @dataclass
@@ -154,9 +185,10 @@ class Progress:
     evaluated: bool = False  # the evaluation of this step ran (a resumed run does not repeat it)
 
 
-def checkpoint_payload(t: Training, progress: Progress, next_batch, data_meta: dict, resolved_config: dict) -> dict:
+def checkpoint_payload(t: Training, progress: Progress, train_batches, rng_states: list, global_batch: int,
+                       data_meta: dict, resolved_config: dict) -> dict:
     """What a checkpoint of a training run holds (see nanogpt/checkpoint.py)."""
-    from nanogpt import checkpoint, rng
+    from nanogpt import checkpoint
 
     return {
         "model": t.raw_model.state_dict(),
@@ -170,19 +202,26 @@ def checkpoint_payload(t: Training, progress: Progress, next_batch, data_meta: d
         "resume": {  # what an exact resume needs besides the above
             "hardware": {"device_type": t.hw.device_type, "dtype": str(t.hw.dtype)},
             "evaluated": progress.evaluated,
-            "rng": rng.capture(t.hw.device),
-            "data_rng": t.data_rng.get_state(),
-            "next_batch": [b.cpu() for b in next_batch],  # drawn ahead, before the last evaluation's draws
+            "rng": rng_states,  # one per rank
+            # the shared stream, and the global batch drawn ahead of it (its first micro-batch is in flight)
+            "data": train_batches.state_dict(include_last=True),
+            "global_batch_size": global_batch,
             "skipped_steps": progress.skipped_steps,
             "wandb_run_id": progress.wandb_run_id,
         },
     }
 
 
-def restore(t: Training, payload: dict, data_meta: dict) -> tuple[Progress, tuple, dict]:
-    """Put a checkpoint's state back into t. Returns the progress, the next batch, and the RNG
-    states (for `rng.restore` right before the loop: nothing may draw between it and the loop)."""
+def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_batch: int) -> tuple[Progress, dict]:
+    """Put a checkpoint's state back into t and the sampler. Returns the progress and this rank's
+    RNG states (for `rng.restore` right before the loop: nothing may draw between it and the loop)."""
     state = payload["resume"]
+    if state["global_batch_size"] != global_batch:
+        raise UserError(
+            f"the run trained with a global batch of {state['global_batch_size']} sequences and this start would use "
+            f"{global_batch}: set global_batch_size={state['global_batch_size']} (any batch_size and number of "
+            f"processes that divide it continue the same data order)"
+        )
     then, now = state["hardware"], {"device_type": t.hw.device_type, "dtype": str(t.hw.dtype)}
     if then != now:  # another device or dtype would not continue the same run
         raise UserError(
@@ -200,10 +239,15 @@ def restore(t: Training, payload: dict, data_meta: dict) -> tuple[Progress, tupl
     t.raw_model.load_state_dict(payload["model"])
     t.optimizer.load_state_dict(payload["optimizer"])
     t.scaler.load_state_dict(payload["scaler"])
-    t.data_rng.set_state(state["data_rng"])
+    train_batches.load_state_dict(state["data"])  # the generator it shares with evaluation, too
     progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"],
                         state["evaluated"])
-    return progress, tuple(b.to(t.hw.device) for b in state["next_batch"]), state["rng"]
+    rng_states = state["rng"]
+    if len(rng_states) != t.env.world_size:
+        log.info(f"the checkpoint holds the RNG states of {len(rng_states)} processes and this run has "
+                 f"{t.env.world_size}: the data order continues exactly; dropout masks start anew")
+        return progress, None
+    return progress, rng_states[t.env.rank]
 
 
 def all_finite(model: "torch.nn.Module") -> bool:
@@ -212,74 +256,91 @@ def all_finite(model: "torch.nn.Module") -> bool:
     return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
-def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None = None) -> dict:
-    """Train (or continue, from resume_from's checkpoint) and return the final step and losses."""
+def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None = None,
+          env: DistEnv = DistEnv(), device: str | None = None) -> dict:
+    """Train (or continue, from resume_from's checkpoint) and return the final step and losses.
+    With several processes every rank runs this; only rank 0 writes metrics and checkpoints."""
     import torch
 
-    from nanogpt import rng
+    from nanogpt import distributed, rng
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
-    from nanogpt.metrics import Metrics
+    from nanogpt.metrics import Metrics, NoMetrics
     from nanogpt.optim import learning_rate
 
-    t = build_training(config, data_meta)
+    accum = check_world_size(config, env.world_size)
+    global_batch = config.batch_size * env.world_size * accum
+    t = build_training(config, data_meta, env, device)
     hw, raw_model, model, optimizer = t.hw, t.raw_model, t.model, t.optimizer
 
     data_dir = Path(config.data.dir)
-    windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng)
-    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], **windows)
-    eval_batches = {
-        "train": train_batches,
-        "val": RandomWindows(data_dir / "val.bin", data_meta["dtype"], **windows),
-    }
-    progress, batch, rng_state = Progress(), None, None
+    windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng,
+                   rank=env.rank, world_size=env.world_size)
+    # training draws each global batch at once; evaluation draws one batch per process at a time,
+    # from the same stream (as nanoGPT's get_batch), with its own samplers so that it never takes
+    # the training batches drawn ahead
+    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], draw_size=global_batch, **windows)
+    eval_batches = {split: RandomWindows(data_dir / f"{split}.bin", data_meta["dtype"], **windows) for split in ("train", "val")}
+    progress, rng_state = Progress(), None
     if resume_from is not None:
-        progress, batch, rng_state = restore(t, resume_from, data_meta)
+        progress, rng_state = restore(t, resume_from, data_meta, train_batches, global_batch)
     start_step = progress.step
 
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    tokens_per_step = global_batch * config.block_size
     log.info(
         f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters | data: {config.data.name} in {data_dir}, "
-        f"vocab {raw_model.config.vocab_size} | {tokens_per_step:,} tokens per step "
-        f"({config.batch_size} x {config.block_size} x {config.grad_accum}) | {hw.describe()}"
+        f"vocab {raw_model.config.vocab_size} | {tokens_per_step:,} tokens per step ({config.batch_size} x "
+        f"{config.block_size} x {accum} micro-steps x {env.world_size} processes) | {hw.describe()}"
     )
     log.info(f"run dir: {run_dir}")
 
+    def all_ranks_sum(value: "torch.Tensor") -> "torch.Tensor":
+        if env.is_distributed:
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+        return value
+
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
+        """Mean loss of eval_iters batches per split: each rank evaluates its share."""
         model.eval()
         losses = {}
         for split, batches in eval_batches.items():
             total = torch.zeros((), device=hw.device)
-            for _ in range(config.eval_iters):
+            for _ in range(config.eval_iters // env.world_size):
                 x, y = batches.next_batch()
                 with hw.autocast():
                     _, loss = model(x, y)
                 total += loss.float()
-            losses[split] = total.item() / config.eval_iters
+            losses[split] = all_ranks_sum(total).item() / config.eval_iters
         model.train()
         return losses
 
     checkpoints = CheckpointDir(run_dir / "checkpoints", config.keep_checkpoints)
 
     def save(improved: bool) -> None:
+        rng_states = distributed.gather_to_all(rng.capture(hw.device), env)  # every rank takes part
+        if not env.is_main:
+            return
         if not all_finite(raw_model):  # never write NaN weights over a good checkpoint
             raise NonFiniteStep(f"the weights are not finite at step {progress.step}; nothing was saved")
-        checkpoints.save(checkpoint_payload(t, progress, batch, data_meta, resolved_config), progress.step, improved)
+        payload = checkpoint_payload(t, progress, train_batches, rng_states, global_batch, data_meta, resolved_config)
+        checkpoints.save(payload, progress.step, improved)
 
-    metrics = Metrics(run_dir, config.logger, resolved_config,
-                      resumed_at=start_step if resume_from is not None else None, wandb_run_id=progress.wandb_run_id)
-    progress.wandb_run_id = metrics.wandb_run_id
-    if batch is None:
-        batch = train_batches.next_batch()
+    if env.is_main:
+        metrics = Metrics(run_dir, config.logger, resolved_config,
+                          resumed_at=start_step if resume_from is not None else None, wandb_run_id=progress.wandb_run_id)
+        progress.wandb_run_id = metrics.wandb_run_id
+    else:
+        metrics = NoMetrics()
+    batch = train_batches.next_batch()
     if rng_state is not None:
         rng.restore(rng_state, hw.device)
     # plain locals for the hot path: no config lookups or recomputation between log lines
-    max_iters, grad_accum, log_interval = config.max_iters, config.grad_accum, config.log_interval
+    max_iters, log_interval = config.max_iters, config.log_interval
     eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
     on_nonfinite = config.on_nonfinite
-    flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step
-    last_eval, stopped_by = {}, None
+    flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step / env.world_size
+    last_eval, stopped_by, stop_agreed = {}, None, False
     saved_step = start_step if resume_from is not None else None  # the step of the newest checkpoint
     t_last, steps_since_log = time.perf_counter(), 0
     with StopRequest() as stop:  # a signal only asks; the loop stops at the next step boundary
@@ -301,8 +362,9 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                     t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
                 if step >= max_iters or eval_only:
                     break
-                if stop.signal is not None:  # keep this step's weights, then leave
-                    stopped_by = stop.signal
+                # a single process may stop at once; several stop together, after the step that agreed on it
+                if stop_agreed or (stop.signal is not None and not env.is_distributed):
+                    stopped_by = stop.signal or signal.SIGTERM  # another rank was signalled
                     if config.save_checkpoints and saved_step != step:
                         save(improved=False)
                         saved_step = step
@@ -314,17 +376,18 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    loss_sum, grad_norm, batch, applied = optimizer_step(t, train_batches, batch, grad_accum, grad_clip, on_nonfinite)
+                    result = optimizer_step(t, train_batches, batch, accum, grad_clip, on_nonfinite, stop.signal is not None)
                 except NonFiniteStep as e:
                     last = f"the last checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved"
                     raise NonFiniteStep(
                         f"step {step + 1}: {e} (the step was not applied; {last}): lower optim.lr or raise "
                         f"optim.warmup_iters, or set on_nonfinite=skip to skip such steps"
                     ) from None
+                batch, stop_agreed = result.next_batch, result.stop
                 progress.step += 1
                 progress.evaluated = False
                 steps_since_log += 1
-                if not applied:
+                if not result.applied:
                     progress.skipped_steps += 1
                     # fp16's scaler skips overflowing steps as a matter of course while it finds its scale
                     (log.debug if t.scaler.is_enabled() else log.warning)(
@@ -332,12 +395,12 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                         f"({progress.skipped_steps} skipped so far)")
 
                 if progress.step % log_interval == 0 or progress.step == max_iters:
-                    train_loss = float(loss_sum)
+                    train_loss = float(all_ranks_sum(result.loss.clone())) / env.world_size
                     now = time.perf_counter()
                     dt = (now - t_last) / steps_since_log
                     t_last, steps_since_log = now, 0
                     mfu = flops_per_step / dt / hw.peak_flops
-                    metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(grad_norm),
+                    metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(result.grad_norm),
                                 skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
                                 tokens_per_s=tokens_per_step / dt, mfu=mfu)
                     log.info(
@@ -386,33 +449,113 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict) -> 
     return payload, path
 
 
+def _log_to_rank_file(run_dir: Path, rank: int) -> None:
+    """A spawned worker's logging: its own file in the run dir (rank 0: train.log, beside the
+    launcher's lines), and rank 0's progress lines on stdout; other ranks print only warnings."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    name = "train.log" if rank == 0 else f"train.rank{rank}.log"
+    file = logging.FileHandler(run_dir / name)
+    file.setFormatter(logging.Formatter(f"[%(asctime)s][%(levelname)s][rank {rank}] %(message)s"))
+    console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.handlers = [file, console]
+
+
+def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: str | None) -> dict:
+    """One rank of a run that nanogpt-train started on this machine (hardware.nproc_per_node > 1)."""
+    from nanogpt import checkpoint, distributed, hardware
+
+    env = distributed.detect()
+    _log_to_rank_file(run_dir, env.rank)
+    try:
+        if hardware.resolve(config.hardware).device_type == "cpu":  # share the cores, as torchrun's OMP_NUM_THREADS
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        device = distributed.init_process_group(env, config.hardware.backend, hardware.resolve(config.hardware).device_type)
+        resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
+        return train(config, run_dir, data_meta, resolved, resume_from, env, device)
+    except BaseException as e:
+        log.error(f"rank {env.rank} failed: {e.__class__.__name__}: {e}", exc_info=not isinstance(e, UserError))
+        raise
+    finally:
+        distributed.destroy_process_group()
+
+
+def run_processes(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: Path | None) -> dict:
+    """Start hardware.nproc_per_node workers on this machine and wait for them: rank 0's result.
+    A failed worker stops the others (the launcher's doing) and raises a one-line UserError."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    import nanogpt.train  # the workers import the worker from here, also when this file runs as __main__
+    from nanogpt import distributed
+
+    nproc = config.hardware.nproc_per_node
+    log.info(f"starting {nproc} processes on this machine (ranks 0-{nproc - 1}); rank logs: train.log, "
+             f"train.rank1.log, ... in {run_dir}")
+    try:
+        results = distributed.launch_local(nproc, nanogpt.train._worker, config, run_dir, data_meta, resolved,
+                                           None if resume_path is None else str(resume_path))
+    except SignalException as e:  # the launcher passed the signal on; the workers saved and stopped
+        return {"step": None, "stopped_by": signal.Signals(e.sigval)}
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        where = run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
+        raise UserError(f"rank {rank} failed (exit code {failure.exitcode}) and the others were stopped: see {where}") from None
+    return results[0]
+
+
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from nanogpt import distributed, hardware
     from nanogpt.preflight import check_data_and_vocab, to_train_config
     from nanogpt.provenance import RunRecord
 
     with user_errors():
         config = to_train_config(cfg)
+        env = distributed.detect()
+        world_size = distributed.planned_world_size(config.hardware)
+        spawn = not env.is_distributed and world_size > 1
+        check_world_size(config, world_size)
         data_meta = check_data_and_vocab(config)  # done before the run dir was made; cheap now
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resume_from, resume_path = checkpoint_to_resume(config, run_dir, resolved)
-        record = RunRecord(
-            run_dir, config.seed, resolved,
-            resumed_from=None if resume_from is None else (resume_path, resume_from["step"]),
-            reproduced_from=config.reproduce,
-        )
+        record = None
+        if env.is_main:
+            record = RunRecord(
+                run_dir, config.seed, resolved, world_size=world_size,
+                resumed_from=None if resume_from is None else (resume_path, resume_from["step"]),
+                reproduced_from=config.reproduce,
+            )
         try:
-            result = train(config, run_dir, data_meta, resolved, resume_from)
+            if spawn:
+                del resume_from  # each worker reads the checkpoint itself
+                result = run_processes(config, run_dir, data_meta, resolved, resume_path)
+            elif env.is_distributed:  # one rank of torchrun or srun
+                device = distributed.init_process_group(env, config.hardware.backend,
+                                                        hardware.resolve(config.hardware).device_type)
+                try:
+                    result = train(config, run_dir, data_meta, resolved, resume_from, env, device)
+                finally:
+                    distributed.destroy_process_group()
+            else:
+                result = train(config, run_dir, data_meta, resolved, resume_from)
         except BaseException as e:
-            record.finish("preempted" if interrupted(e) else "failed")
+            if record:
+                record.finish("preempted" if interrupted(e) else "failed")
             raise
         if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
-            record.finish("preempted")
+            if record:
+                record.finish("preempted")
             sys.exit(128 + int(result["stopped_by"]))
-        record.finish("done")
+        if record:
+            record.finish("done")
         return result
 
 

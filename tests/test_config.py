@@ -22,7 +22,7 @@ REQUIRED = {"data=text": ["data.source=corpus.txt"]}
 def test_groups_and_experiments_exist():
     assert OPTIONS["model"] == ["cpu_char", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl", "shakespeare_char"]
     assert OPTIONS["data"] == ["openwebtext", "shakespeare", "shakespeare_char", "text"]
-    assert set(OPTIONS["hardware"]) == {"auto", "cpu", "gpu", "mps"}
+    assert set(OPTIONS["hardware"]) == {"auto", "cpu", "gpu", "mps", "ddp", "multinode"}
     assert set(OPTIONS["logger"]) == {"none", "wandb"}
     assert set(EXPERIMENTS) >= {
         "shakespeare_char", "shakespeare_char_cpu", "gpt2_124m", "finetune_shakespeare",
@@ -59,7 +59,8 @@ def test_every_experiment_composes_and_validates(experiment):
 def test_default_is_the_cpu_recipe():
     default = OmegaConf.to_container(compose("train"), resolve=True)
     recipe = OmegaConf.to_container(compose("train", ["experiment=shakespeare_char_cpu"]), resolve=True)
-    assert recipe.pop("hardware") == {"device": "cpu", "dtype": "float32", "compile": False, "tf32": False, "peak_flops": None}
+    assert recipe.pop("hardware") == {"device": "cpu", "dtype": "float32", "compile": False, "tf32": False,
+                                      "peak_flops": None, "nproc_per_node": 1, "nnodes": 1, "backend": None}
     default.pop("hardware")
     assert default == recipe
     # nanoGPT README: --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -72,13 +73,13 @@ def test_default_is_the_cpu_recipe():
 
 def test_experiment_values_match_nanogpt():
     gpt2 = to_train_config(compose("train", ["experiment=gpt2_124m"]))
-    assert (gpt2.model.vocab_size, gpt2.model.bias, gpt2.batch_size, gpt2.grad_accum) == (50304, False, 12, 40)
+    assert (gpt2.model.vocab_size, gpt2.model.bias, gpt2.batch_size, gpt2.global_batch_size) == (50304, False, 12, 480)
     assert (gpt2.optim.lr, gpt2.optim.min_lr, gpt2.optim.warmup_iters, gpt2.max_iters) == (6e-4, 6e-5, 2000, 600000)
     char = to_train_config(compose("train", ["experiment=shakespeare_char"]))
     assert (char.model.n_layer, char.model.n_embd, char.block_size, char.batch_size) == (6, 384, 256, 64)
     assert (char.model.dropout, char.optim.beta2, char.max_iters, char.eval_iters) == (0.2, 0.99, 5000, 200)
     ft = to_train_config(compose("train", ["experiment=finetune_shakespeare"]))
-    assert (ft.init_from, ft.model.n_layer, ft.batch_size, ft.grad_accum, ft.max_iters) == ("gpt2-xl", 48, 1, 32, 20)
+    assert (ft.init_from, ft.model.n_layer, ft.batch_size, ft.global_batch_size, ft.max_iters) == ("gpt2-xl", 48, 1, 32, 20)
     assert ft.optim.schedule == "constant" and ft.optim.lr == 3e-5 and ft.data.encoding == "gpt2"
     ev = to_train_config(compose("train", ["experiment=eval_gpt2_medium"]))
     assert ev.eval_only and ev.init_from == "gpt2-medium" and ev.model.n_layer == 24 and ev.eval_iters == 500

@@ -339,8 +339,8 @@ def tiny_training(tmp_path, shakespeare_path, monkeypatch):
     poisoned = {}
     build_training = train_module.build_training
 
-    def build_with_hooks(config, data_meta):
-        t = build_training(config, data_meta)
+    def build_with_hooks(*args, **kwargs):
+        t = build_training(*args, **kwargs)
         forwards = {"n": 0}
 
         def nan_loss(module, args, output):

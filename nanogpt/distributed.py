@@ -1,0 +1,166 @@
+"""Which process this is in a multi-process run, and the process group that joins the processes.
+
+Rank, local rank and world size come from the first of these that applies:
+
+    torchrun (or any env:// launcher)  RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
+    a SLURM job step of several tasks  SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the job's node
+    (srun, submitit)                   list (parsed by submitit) for the master address
+    nothing of the above               one process
+
+`nanogpt-train hardware.nproc_per_node=N` on a single machine starts N workers itself, through
+torch.distributed's elastic launcher (what torchrun runs); each worker then finds itself here as
+under torchrun.
+
+No torch at import: the config checks that run on every launch read the environment through here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from nanogpt.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # single | torchrun | slurm
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect() -> DistEnv:
+    """This process's place in the run, from the environment its launcher set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world_size = _int("WORLD_SIZE")
+        return DistEnv(
+            rank=_int("RANK"),
+            local_rank=_int("LOCAL_RANK", 0),
+            world_size=world_size,
+            local_world_size=_int("LOCAL_WORLD_SIZE", world_size),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int("MASTER_PORT", 29500),
+            source="torchrun",
+        )
+    # A task of a job step (srun, or submitit's srun). The batch script itself is not a task of a
+    # step and has no SLURM_STEP_ID: a single `python` there is a single process.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and _int("SLURM_NTASKS", 1) > 1:
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        job = SlurmJobEnvironment()
+        nodes = max(1, job.num_nodes)
+        return DistEnv(
+            rank=job.global_rank,
+            local_rank=job.local_rank,
+            world_size=job.num_tasks,
+            local_world_size=job.num_tasks // nodes,
+            master_addr=job.hostnames[0],
+            # the same port on every task without talking: derived from the job id
+            master_port=_int("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000),
+            source="slurm",
+        )
+    return DistEnv()
+
+
+def planned_world_size(hardware) -> int:
+    """The number of processes of a run: the launcher's (torchrun, srun), or the ones nanogpt-train
+    starts itself on this machine (hardware.nproc_per_node)."""
+    env = detect()
+    if env.is_distributed:
+        return env.world_size
+    if hardware.nnodes > 1:
+        raise ConfigError(
+            f"hardware.nnodes={hardware.nnodes} needs a launcher on every node: submit with the SLURM launcher, "
+            f"or run torchrun on each node (docs/distributed.md)"
+        )
+    return hardware.nproc_per_node
+
+
+def _int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise ConfigError(f"the environment variable {name} is missing: start the run with torchrun or srun")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"the environment variable {name}={value!r} is not a whole number: check the launcher") from None
+
+
+def init_process_group(env: DistEnv, backend: str | None, device_type: str) -> str:
+    """Join the run's process group: nccl on CUDA, gloo elsewhere (or `backend`). Returns the
+    device this rank uses: on CUDA, the GPU of its local rank, made current without hiding the
+    node's other GPUs (CUDA_VISIBLE_DEVICES is left alone)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    device = "cpu" if device_type == "cpu" else device_type
+    if device_type == "cuda":
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {env.local_rank} needs GPU {env.local_rank}, but this node has "
+                f"{torch.cuda.device_count()}: start at most one process per GPU (hardware.nproc_per_node)"
+            )
+        torch.cuda.set_device(env.local_rank)
+        device = f"cuda:{env.local_rank}"
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend or ("nccl" if device_type == "cuda" else "gloo"),
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=10),
+        **({"device_id": torch.device(device)} if device_type == "cuda" else {}),
+    )
+    return device
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_to_all(value, env: DistEnv) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if not env.is_distributed:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def launch_local(nproc: int, worker, *args) -> dict:
+    """Run worker(*args) in nproc processes on this machine, joined as ranks 0..nproc-1, through
+    torch.distributed's elastic launcher (what torchrun runs): if one fails, the others are
+    stopped. Returns {rank: worker's return value}."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
+        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+    )
+    return elastic_launch(config, worker)(*args)

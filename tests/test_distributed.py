@@ -1,0 +1,259 @@
+"""Several processes on CPU with real gloo process groups: the same global batch gives the same
+training however it is split, one run dir for all ranks, exact resume, and a failing rank stops
+the run instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SHAKESPEARE, run_cli
+
+SMALL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=32", "hardware.peak_flops=1e11",
+         "eval_interval=5", "eval_iters=2", "log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
+    cwd = tmp_path_factory.mktemp("distributed")
+    return cwd, [f"data.source={SHAKESPEARE}", f"data.dir={cwd / 'data'}", *SMALL]
+
+
+def train(cwd: Path, base: list[str], name: str, *args: str, env: dict | None = None):
+    result = run_cli("nanogpt.train", *base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd / name, result
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def logged(run_dir: Path) -> list[dict]:
+    keep = ("step", "kind", "loss", "lr", "grad_norm", "train_loss", "val_loss")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k in keep} for r in records]
+
+
+# --- the global batch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("micro_batch", [4, 2], ids=["2x1 vs 1x2", "2x2 vs 1x4"])
+def test_the_global_batch_trains_the_same_however_it_is_split(workspace, micro_batch):
+    cwd, base = workspace
+    split = [f"batch_size={micro_batch}", "global_batch_size=8", "max_iters=10"]
+    two, result = train(cwd, base, f"two_{micro_batch}", "hardware=ddp", "hardware.nproc_per_node=2", *split)
+    one, _ = train(cwd, base, f"one_{micro_batch}", *split)
+    accum_two, accum_one = 8 // (micro_batch * 2), 8 // micro_batch
+    assert f"{micro_batch} x 32 x {accum_two} micro-steps x 2 processes" in result.stdout
+    diff = max_diff(weights(two), weights(one))
+    print(f"\n[equivalence] 2 processes x {micro_batch} x {accum_two} vs 1 x {micro_batch} x {accum_one}, "
+          f"10 steps: max |weight diff| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_a_multi_process_run_leaves_one_run_dir(workspace):
+    cwd, base = workspace
+    run_cwd = cwd / "documented"
+    run_cwd.mkdir()
+    result = run_cli("nanogpt.train", *base, "hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4",
+                     "global_batch_size=8", "max_iters=4", cwd=run_cwd)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = [p for p in (run_cwd / "outputs").glob("*/*") if p.is_dir()]
+    assert sorted(p.name for p in run_cwd.iterdir()) == ["outputs"]
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train.rank1.log"]
+    assert len(list(run_dir.rglob("metrics.jsonl"))) == 1 and len(list(run_dir.rglob("config.yaml"))) == 1
+    assert "[rank 1]" in (run_dir / "train.rank1.log").read_text()
+    record = json.loads((run_dir / "provenance.json").read_text())
+    assert record["world_size"] == 2 and record["status"] == "done"
+    steps = [r["step"] for r in logged(run_dir) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # logged once, by rank 0
+
+
+def test_global_batch_that_does_not_divide_is_refused(workspace, tmp_path):
+    _, base = workspace
+    result = run_cli("nanogpt.train", *base, "hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4",
+                     "global_batch_size=12", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "global_batch_size=12 is not a multiple of batch_size x processes = 4 x 2 = 8" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# --- stop and resume -----------------------------------------------------------------------
+
+
+def test_a_stopped_two_process_run_resumes_exactly_and_on_one_process(workspace):
+    cwd, base = workspace
+    args = ["hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4", "global_batch_size=8", "max_iters=40"]
+    straight, _ = train(cwd, base, "ddp_straight", *args)
+
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt.train", *base, "hydra.run.dir=ddp_stopped", *args],
+                            cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("iter 15:"):
+            proc.send_signal(signal.SIGTERM)  # to the launcher: it passes the signal to both ranks
+            break
+    seen.append(proc.stdout.read())
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen)
+    stopped = cwd / "ddp_stopped"
+    stopped_at = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 15 <= stopped_at < 40 and json.loads((stopped / "provenance.json").read_text())["status"] == "preempted"
+    ckpt = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    assert len(ckpt["resume"]["rng"]) == 2  # each rank's RNG states
+
+    resumed = run_cli("nanogpt.train", f"resume={stopped}", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert all(torch.equal(a, b) for a, b in zip(weights(stopped).values(), weights(straight).values()))
+    assert logged(stopped) == logged(straight)
+
+
+
+def test_a_two_process_run_continues_on_one_process_with_the_same_data_order(workspace):
+    cwd, base = workspace
+    args = ["hardware=ddp", "batch_size=4", "global_batch_size=8", "optim.decay_iters=40"]
+    straight, _ = train(cwd, base, "ddp_straight_40", *args, "hardware.nproc_per_node=2", "max_iters=40")
+    first, _ = train(cwd, base, "ddp_then_single", *args, "hardware.nproc_per_node=2", "max_iters=20")
+    # on one process the same global batch takes two micro-steps: the same batches, in the same order
+    result = run_cli("nanogpt.train", f"resume={first}", "max_iters=40", "hardware.nproc_per_node=1", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "4 x 32 x 2 micro-steps x 1 processes" in result.stdout
+    assert "dropout masks start anew" in result.stdout  # 2 ranks' RNG states, 1 process
+    diff = max_diff(weights(first), weights(straight))
+    print(f"\n[resume] 20 steps on 2 processes + 20 on 1 vs 40 on 2: max |weight diff| = {diff:.2e}")
+    assert diff < 1e-5
+    ours = [r for r in logged(first) if r["step"] > 20]
+    theirs = [r for r in logged(straight) if r["step"] > 20]
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4, (a, b)
+
+
+# --- failures ------------------------------------------------------------------------------
+
+FAIL_ON_RANK_1 = '''
+import os
+from nanogpt.batches import RandomWindows
+
+next_batch = RandomWindows.next_batch
+calls = []
+
+def failing_next_batch(self):
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) == 12:
+        raise RuntimeError("injected failure on rank 1")
+    return next_batch(self)
+
+RandomWindows.next_batch = failing_next_batch
+'''
+
+
+def test_an_exception_on_one_rank_stops_every_rank_quickly(workspace, tmp_path):
+    cwd, base = workspace
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1)  # imported by every process, workers included
+    started = time.monotonic()
+    result = run_cli("nanogpt.train", *base, "hydra.run.dir=failing", "hardware=ddp", "hardware.nproc_per_node=2",
+                     "batch_size=4", "global_batch_size=8", "max_iters=1000", cwd=cwd,
+                     env={"PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}, timeout=120)
+    elapsed = time.monotonic() - started
+    print(f"\n[failure] rank 1 raised in its 12th batch: the run ended in {elapsed:.1f} s (process start included)")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "rank 1 failed (exit code 1) and the others were stopped" in result.stderr.strip().splitlines()[-1]
+    run_dir = cwd / "failing"
+    assert "RuntimeError: injected failure on rank 1" in (run_dir / "train.rank1.log").read_text()
+    assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
+
+
+# --- where a process finds its rank ---------------------------------------------------------
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NUM_NODES", "SLURM_NODEID",
+                      "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID")
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+
+    return set_env
+
+
+def test_a_plain_process_is_rank_0_of_1(launcher_env):
+    from nanogpt.distributed import DistEnv, detect
+
+    assert detect() == DistEnv()
+
+
+def test_torchrun_variables(launcher_env):
+    from nanogpt.distributed import DistEnv, detect
+
+    # what `torchrun --nnodes 2 --nproc_per_node 4` gives the second process of the second node
+    launcher_env(RANK=5, WORLD_SIZE=8, LOCAL_RANK=1, LOCAL_WORLD_SIZE=4, MASTER_ADDR="node07", MASTER_PORT=29400,
+                 SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_STEP_ID=0)  # torchrun inside a SLURM job: torchrun decides
+    assert detect() == DistEnv(rank=5, local_rank=1, world_size=8, local_world_size=4, master_addr="node07",
+                               master_port=29400, source="torchrun")
+
+
+def test_slurm_one_node(launcher_env):
+    from nanogpt.distributed import detect
+
+    launcher_env(SLURM_JOB_ID=4242, SLURM_STEP_ID=0, SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_LOCALID=1,
+                 SLURM_JOB_NUM_NODES=1, SLURM_NODEID=0, SLURM_JOB_NODELIST="gpu-a17")
+    env = detect()
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (1, 1, 2, 2)
+    assert env.master_addr == "gpu-a17" and env.source == "slurm"
+    assert env.master_port == 20000 + 4242 % 40000  # the same on every task, with no talk between them
+
+
+def test_slurm_several_nodes(launcher_env):
+    from nanogpt.distributed import detect
+
+    # task 6 of 8 on the second of two nodes: the master is the first node of the list
+    launcher_env(SLURM_JOB_ID=91, SLURM_STEP_ID=0, SLURM_PROCID=6, SLURM_NTASKS=8, SLURM_LOCALID=2,
+                 SLURM_JOB_NUM_NODES=2, SLURM_NODEID=1, SLURM_JOB_NODELIST="node[03-04]", MASTER_PORT=31000)
+    env = detect()
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (6, 2, 8, 4)
+    assert (env.master_addr, env.master_port) == ("node03", 31000)
+
+
+def test_a_slurm_batch_script_or_a_single_task_is_one_process(launcher_env):
+    from nanogpt.distributed import DistEnv, detect
+
+    launcher_env(SLURM_JOB_ID=7, SLURM_PROCID=0, SLURM_NTASKS=4, SLURM_JOB_NODELIST="n1")  # no step: the batch script
+    assert detect() == DistEnv()
+    launcher_env(SLURM_STEP_ID=0, SLURM_NTASKS=1)  # srun with one task
+    assert detect() == DistEnv()
+
+
+def test_a_broken_launcher_variable_is_named(launcher_env):
+    from nanogpt.config import ConfigError
+    from nanogpt.distributed import detect
+
+    launcher_env(RANK="one", WORLD_SIZE=2)
+    with pytest.raises(ConfigError, match="RANK='one' is not a whole number"):
+        detect()
