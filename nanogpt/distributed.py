@@ -119,17 +119,34 @@ def init_process_group(env: DistEnv, backend: str | None, device_type: str) -> s
             )
         torch.cuda.set_device(env.local_rank)
         device = f"cuda:{env.local_rank}"
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
     dist.init_process_group(
         backend or ("nccl" if device_type == "cuda" else "gloo"),
-        init_method="env://",
+        store=shared_store(env),
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(minutes=10),
         **({"device_id": torch.device(device)} if device_type == "cuda" else {}),
     )
     return device
+
+
+_store = None
+
+
+def shared_store(env: DistEnv):
+    """The run's key-value store (rank 0's, or torchrun's agent's), made once per process: the
+    ranks agree on the run dir through it before the process group exists, and the process group
+    is then built on it."""
+    global _store
+    if _store is None:
+        import datetime
+
+        import torch.distributed as dist
+
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        _store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=datetime.timedelta(minutes=10)))
+    return _store
 
 
 def destroy_process_group() -> None:

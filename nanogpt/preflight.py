@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 import traceback
 from typing import Any
 
@@ -85,6 +86,39 @@ def stop_on_error():
             sys.exit(1)
 
 
+def share_the_plan(cfg: DictConfig, env) -> None:
+    """With several processes each started by its launcher (torchrun, srun), each composes its own
+    config, a second apart maybe: rank 0 plans the run (run dir, resume) and publishes it in the
+    run's store; the other ranks adopt it, write no snapshot, and log to train.rankN.log."""
+    import json
+
+    from omegaconf import open_dict, read_write
+
+    from nanogpt.distributed import shared_store
+    from nanogpt.resume import plan_run, replace_task_config
+
+    store = shared_store(env)
+    if env.is_main:
+        try:
+            plan_run(cfg)
+            task = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+            plan = {"run_dir": str(Path(str(cfg.hydra.run.dir)).absolute()), "config": OmegaConf.to_yaml(task)}
+        except UserError as e:
+            store.set("nanogpt/plan", json.dumps({"error": str(e)}))
+            raise
+        store.set("nanogpt/plan", json.dumps(plan))
+        return
+    plan = json.loads(store.get("nanogpt/plan"))  # waits for rank 0
+    if "error" in plan:
+        raise UserError(plan["error"])
+    replace_task_config(cfg, OmegaConf.create(plan["config"]), "rank 0")
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.run.dir = plan["run_dir"]
+        cfg.hydra.output_subdir = None  # rank 0 writes the snapshot
+        cfg.hydra.job_logging.handlers.file.filename = str(Path(plan["run_dir"]) / f"train.rank{env.rank}.log")
+        cfg.hydra.job_logging.handlers.console.level = "WARNING"  # rank 0 prints the progress
+
+
 class Preflight(Callback):
 
     def __init__(self, check_data: bool = True, plan_runs: bool = False):
@@ -94,10 +128,16 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
             if self.plan_runs:
-                from nanogpt.resume import plan_run
+                from nanogpt.distributed import detect
 
                 to_train_config(config)  # the command line's own mistakes first
-                plan_run(config)
+                env = detect()
+                if env.is_distributed:  # every rank of torchrun/srun runs this: rank 0 decides for all
+                    share_the_plan(config, env)
+                else:
+                    from nanogpt.resume import plan_run
+
+                    plan_run(config)
             train_config = to_train_config(config)
             check_world_size(train_config, planned_world_size(train_config.hardware))
             check_init_from(train_config)

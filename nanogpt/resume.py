@@ -105,7 +105,7 @@ def plan_run(cfg: DictConfig) -> None:
         _apply_overrides(snapshot, cfg, "reproduce", allowed=lambda key: True)
         snapshot.reproduce = str(source.resolve())
         snapshot.resume = resume
-        _replace_task_config(cfg, snapshot, source)
+        replace_task_config(cfg, snapshot, source)
     elif resume not in CHOICES:
         source = existing_run_dir(resume, "resume", "config.resolved.yaml")
         if not CheckpointDir(source / "checkpoints").candidates():
@@ -116,7 +116,7 @@ def plan_run(cfg: DictConfig) -> None:
         snapshot = OmegaConf.load(source / "config.resolved.yaml")
         _apply_overrides(snapshot, cfg, f"resume={resume}", allowed=is_resumable)
         snapshot.resume = resume
-        _replace_task_config(cfg, snapshot, source)
+        replace_task_config(cfg, snapshot, source)
         with read_write(cfg), open_dict(cfg):
             cfg.hydra.run.dir = str(source)
 
@@ -152,7 +152,7 @@ def _continue_in_place(cfg: DictConfig, run_dir: Path) -> None:
     for key, value in flatten(wanted).items():
         if is_resumable(key):
             OmegaConf.update(continued, key, value, merge=False, force_add=True)
-    _replace_task_config(cfg, continued, run_dir)
+    replace_task_config(cfg, continued, run_dir)
 
 
 def _task_part(cfg: DictConfig) -> DictConfig:
@@ -193,7 +193,7 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def _replace_task_config(cfg: DictConfig, snapshot: DictConfig, source: Path) -> None:
+def replace_task_config(cfg: DictConfig, snapshot: DictConfig, source: Path) -> None:
     """Make cfg's task part (all but `hydra`) the snapshot, typed by cfg's schema."""
     try:
         typed = OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg)), snapshot)

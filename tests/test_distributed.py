@@ -84,6 +84,25 @@ def test_a_multi_process_run_leaves_one_run_dir(workspace):
     assert steps == [1, 2, 3, 4]  # logged once, by rank 0
 
 
+def test_a_torchrun_launch_leaves_one_run_dir(workspace):
+    """torchrun starts every rank through Hydra, each with its own clock and pid: rank 0 picks the
+    run dir and the others take it, write no snapshot, and log to their own file."""
+    cwd, base = workspace
+    run_cwd = cwd / "torchrun"
+    run_cwd.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nanogpt.train",
+         *base, "batch_size=4", "global_batch_size=8", "max_iters=4"],
+        cwd=run_cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = [p for p in (run_cwd / "outputs").glob("*/*") if p.is_dir()]
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train.rank1.log"]
+    assert len(list(run_dir.rglob("config.yaml"))) == 1 and len(list(run_dir.rglob("metrics.jsonl"))) == 1
+    assert "4 x 32 x 1 micro-steps x 2 processes" in result.stdout
+    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
+
+
 def test_global_batch_that_does_not_divide_is_refused(workspace, tmp_path):
     _, base = workspace
     result = run_cli("nanogpt.train", *base, "hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4",
