@@ -115,10 +115,19 @@ def test_global_batch_that_does_not_divide_is_refused(workspace, tmp_path):
 # --- stop and resume -----------------------------------------------------------------------
 
 
-def test_a_stopped_two_process_run_resumes_exactly_and_on_one_process(workspace):
+DDP_40 = ["hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4", "global_batch_size=8", "max_iters=40"]
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(workspace):
+    """40 steps on 2 processes that never stopped: what the resumed runs must match."""
     cwd, base = workspace
-    args = ["hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4", "global_batch_size=8", "max_iters=40"]
-    straight, _ = train(cwd, base, "ddp_straight", *args)
+    return train(cwd, base, "ddp_straight", *DDP_40)[0]
+
+
+def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
+    cwd, base = workspace
+    args, straight = DDP_40, ddp_straight
 
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt.train", *base, "hydra.run.dir=ddp_stopped", *args],
                             cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
@@ -144,10 +153,10 @@ def test_a_stopped_two_process_run_resumes_exactly_and_on_one_process(workspace)
 
 
 
-def test_a_two_process_run_continues_on_one_process_with_the_same_data_order(workspace):
+def test_a_two_process_run_continues_on_one_process_with_the_same_data_order(workspace, ddp_straight):
     cwd, base = workspace
+    straight = ddp_straight  # its schedule decays over 40 steps (decay_iters follows max_iters=40)
     args = ["hardware=ddp", "batch_size=4", "global_batch_size=8", "optim.decay_iters=40"]
-    straight, _ = train(cwd, base, "ddp_straight_40", *args, "hardware.nproc_per_node=2", "max_iters=40")
     first, _ = train(cwd, base, "ddp_then_single", *args, "hardware.nproc_per_node=2", "max_iters=20")
     # on one process the same global batch takes two micro-steps: the same batches, in the same order
     result = run_cli("nanogpt.train", f"resume={first}", "max_iters=40", "hardware.nproc_per_node=1", cwd=cwd)
