@@ -243,7 +243,7 @@ class CheckpointDir:
         """Delete the temp files of saves that a crash or a kill interrupted."""
         partial = [p for p in self.path.glob(".*.tmp") if p.is_file()]
         for p in partial:
-            p.unlink()
+            p.unlink(missing_ok=True)  # every rank of a multi-process run may try
         return partial
 
     # --- reading ---------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class HardwareConfig:
     nproc_per_node: int = 1  # processes per node, one per GPU; > 1 on one machine: nanogpt-train starts them
     nnodes: int = 1  # nodes of the run (for the SLURM launcher; torchrun and srun say it themselves)
     backend: Optional[str] = None  # process-group backend; None: nccl on cuda, gloo elsewhere
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
 
 
 @dataclass

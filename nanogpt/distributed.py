@@ -67,12 +67,25 @@ def detect() -> DistEnv:
             local_rank=job.local_rank,
             world_size=job.num_tasks,
             local_world_size=job.num_tasks // nodes,
-            master_addr=job.hostnames[0],
-            # the same port on every task without talking: derived from the job id
-            master_port=_int("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000),
+            # the step's first node (a step may run on part of the job's nodes)
+            master_addr=_first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")) or job.hostnames[0],
+            # the same port on every task of the step without talking: from the job and step ids
+            master_port=_int("MASTER_PORT", 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 16
+                                                     + _int("SLURM_STEP_ID", 0)) % 40000),
             source="slurm",
         )
     return DistEnv()
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[07-09,12],cpu3" -> "gpu07")."""
+    if not nodelist:
+        return ""
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.split("-")[0].split(",")[0].rstrip("]")
 
 
 def planned_world_size(hardware) -> int:
@@ -111,7 +124,10 @@ def init_process_group(env: DistEnv, backend: str | None, device_type: str) -> s
     import torch.distributed as dist
 
     device = "cpu" if device_type == "cpu" else device_type
-    if device_type == "cuda":
+    if device_type == "cuda" and torch.cuda.device_count() == 1:  # one GPU per task (--gpus-per-task=1)
+        torch.cuda.set_device(0)
+        device = "cuda:0"
+    elif device_type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"local rank {env.local_rank} needs GPU {env.local_rank}, but this node has "
@@ -124,7 +140,7 @@ def init_process_group(env: DistEnv, backend: str | None, device_type: str) -> s
         store=shared_store(env),
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(minutes=10),
+        timeout=datetime.timedelta(minutes=30),  # rank 0 saving a large checkpoint keeps the others waiting
         **({"device_id": torch.device(device)} if device_type == "cuda" else {}),
     )
     return device
@@ -145,7 +161,9 @@ def shared_store(env: DistEnv):
 
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        _store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=datetime.timedelta(minutes=10)))
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=datetime.timedelta(minutes=10)))
+        # torchrun's store outlives a restart of the workers: keep each attempt's keys apart
+        _store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     return _store
 
 
@@ -154,6 +172,9 @@ def destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+SHUTDOWN_TIMEOUT_S = 120  # a stopping worker's time to finish its step and save before it is killed
 
 
 def gather_to_all(value, env: DistEnv) -> list:
@@ -179,5 +200,8 @@ def launch_local(nproc: int, worker, *args) -> dict:
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        # SLURM's warning signals too: passed on to the workers, which save and stop; they have
+        # shutdown_timeout seconds for it before the launcher kills them
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     return elastic_launch(config, worker)(*args)

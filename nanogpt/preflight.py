@@ -148,6 +148,13 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
             train_config = to_train_config(config)
+            from nanogpt.distributed import detect
+
+            if detect().is_distributed:
+                raise ConfigError(
+                    "a sweep (--multirun) cannot run inside torchrun or srun: launch the sweep once, and give each "
+                    "job its processes with hardware.nproc_per_node (or the SLURM launcher's tasks)"
+                )
             if self.plan_runs and (train_config.reproduce is not None or train_config.resume not in ("auto", "never")):
                 raise ConfigError(
                     "resume=<run dir> and reproduce=<run dir> start one run, not a sweep (--multirun): drop -m; "

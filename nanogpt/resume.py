@@ -32,10 +32,11 @@ from nanogpt.config import ConfigError
 RESUMABLE = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "save_checkpoints", "keep_checkpoints",
     "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "data.num_threads", "data.dir",
-    "data.source", "batch_size", "hardware.nproc_per_node", "hardware.nnodes", "hardware.backend",
+    "data.source", "hardware.nproc_per_node", "hardware.nnodes", "hardware.backend",
+    "hardware.fsdp",
 )
 RESUMABLE_IN_WORDS = ("max_iters, eval/log intervals, checkpoint settings, on_nonfinite, logger.*, data.dir/source, "
-                      "and batch_size and the process count when the global batch stays the same")
+                      "and the process count when the global batch stays the same")
 CHOICES = ("auto", "never")
 
 

@@ -70,15 +70,16 @@ class Training:
     scaler: "torch.amp.GradScaler"
     data_rng: "torch.Generator"  # the stream every batch is drawn from (the same on every rank)
     env: DistEnv = DistEnv()  # this process's rank in the run
+    fsdp: bool = False  # raw_model is sharded across the ranks (FSDP2)
 
 
 def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(), device: str | None = None) -> Training:
     """Device, model, optimizer, grad scaler and batch stream for a config. With several
     processes, `device` is this rank's (from distributed.init_process_group) and the model is
-    wrapped in DDP."""
+    wrapped in DDP, or sharded by FSDP2 (hardware.fsdp)."""
     import torch
 
-    from nanogpt import hardware
+    from nanogpt import hardware, sharding
     from nanogpt.optim import build_optimizer
 
     hw = hardware.resolve(config.hardware)
@@ -93,19 +94,20 @@ def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(
     data_rng = torch.Generator().set_state(torch.get_rng_state())
     if env.is_distributed:
         torch.manual_seed(config.seed + env.rank)  # each rank its own dropout masks
+    fsdp = env.is_distributed and config.hardware.fsdp
+    if fsdp:  # in place, before the optimizer sees the parameters: it must hold only this rank's shards
+        sharding.wrap(raw_model, hw.device, env, fsdp=True)
     optimizer = build_optimizer(raw_model, config.optim, hw.device_type)
     scaler = torch.amp.GradScaler(hw.device_type, enabled=hw.use_grad_scaler)
     model = raw_model
     if hw.compile:
         log.info("compiling the model (the first steps are slow)")
         model = torch.compile(raw_model)
-    if env.is_distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[torch.device(hw.device).index] if hw.device_type == "cuda" else None)
+    if env.is_distributed and not fsdp:
+        model = sharding.wrap(model, hw.device, env, fsdp=False)
     if hw.peak_flops is None:  # measured in the dtype the matmuls of training run in
         hw.peak_flops = hardware.measure_peak_flops(hw.device, hw.dtype)
-    return Training(hw, raw_model, model, optimizer, scaler, data_rng, env)
+    return Training(hw, raw_model, model, optimizer, scaler, data_rng, env, fsdp)
 
 
 class NonFiniteStep(UserError):
@@ -130,13 +132,15 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
     Under fp16 an overflowing gradient is the scaler's to handle: skipped, never a stop."""
     import torch
 
+    from nanogpt import sharding
+
     model, optimizer, scaler, hw = t.model, t.optimizer, t.scaler, t.hw
     ddp = t.env.is_distributed
     x, y = batch
     loss_sum = 0.0
     for micro_step in range(grad_accum):
-        if ddp:  # all-reduce the gradients once, after the last micro-step's backward
-            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        if ddp:  # reduce the gradients once, after the last micro-step's backward
+            sharding.set_gradient_sync(model, micro_step == grad_accum - 1)
         with hw.autocast():
             _, loss = model(x, y)
             loss = loss / grad_accum  # the gradients of the micro-steps add up to the mean
@@ -148,6 +152,7 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm = sharding.local(grad_norm)
     # the one host sync of a step: whether to apply it must be known before it is applied, and
     # with several ranks they all decide alike (one tiny all-reduce: the minimum of each flag)
     flags = torch.stack([loss_sum.isfinite(), grad_norm.isfinite(), torch.tensor(not stop_requested, device=grad_norm.device)]).float()
@@ -185,15 +190,15 @@ class Progress:
     evaluated: bool = False  # the evaluation of this step ran (a resumed run does not repeat it)
 
 
-def checkpoint_payload(t: Training, progress: Progress, train_batches, rng_states: list, global_batch: int,
-                       data_meta: dict, resolved_config: dict) -> dict:
+def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optimizer_state: dict, train_batches,
+                       rng_states: list, global_batch: int, data_meta: dict, resolved_config: dict) -> dict:
     """What a checkpoint of a training run holds (see nanogpt/checkpoint.py)."""
     from nanogpt import checkpoint
 
     return {
-        "model": t.raw_model.state_dict(),
+        "model": model_state,
         "model_config": checkpoint.model_config_to_dict(t.raw_model.config),
-        "optimizer": t.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": t.scaler.state_dict(),
         "step": progress.step,
         "best_val_loss": progress.best_val_loss,
@@ -219,8 +224,8 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
     if state["global_batch_size"] != global_batch:
         raise UserError(
             f"the run trained with a global batch of {state['global_batch_size']} sequences and this start would use "
-            f"{global_batch}: set global_batch_size={state['global_batch_size']} (any batch_size and number of "
-            f"processes that divide it continue the same data order)"
+            f"{global_batch}: set global_batch_size={state['global_batch_size']} (with the run's batch_size, any "
+            f"number of processes that divides it continues the same data order)"
         )
     then, now = state["hardware"], {"device_type": t.hw.device_type, "dtype": str(t.hw.dtype)}
     if then != now:  # another device or dtype would not continue the same run
@@ -236,8 +241,9 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
                 f"the dataset differs from the one the run trained on ({key}: {saved_meta.get(key)} then, "
                 f"{data_meta.get(key)} now): point data.dir/data.source at the run's dataset"
             )
-    t.raw_model.load_state_dict(payload["model"])
-    t.optimizer.load_state_dict(payload["optimizer"])
+    from nanogpt import sharding
+
+    sharding.load_state_dicts(t.raw_model, t.optimizer, payload["model"], payload["optimizer"], t.fsdp, t.env.is_main)
     t.scaler.load_state_dict(payload["scaler"])
     train_batches.load_state_dict(state["data"])  # the generator it shares with evaluation, too
     progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"],
@@ -250,10 +256,10 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
     return progress, rng_states[t.env.rank]
 
 
-def all_finite(model: "torch.nn.Module") -> bool:
+def all_finite(state_dict: dict) -> bool:
     import torch
 
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+    return bool(torch.stack([v.isfinite().all() for v in state_dict.values() if v.is_floating_point()]).all())
 
 
 def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None = None,
@@ -262,7 +268,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     With several processes every rank runs this; only rank 0 writes metrics and checkpoints."""
     import torch
 
-    from nanogpt import distributed, rng
+    from nanogpt import distributed, rng, sharding
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics, NoMetrics
@@ -319,12 +325,22 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
 
     def save(improved: bool) -> None:
         rng_states = distributed.gather_to_all(rng.capture(hw.device), env)  # every rank takes part
-        if not env.is_main:
-            return
-        if not all_finite(raw_model):  # never write NaN weights over a good checkpoint
-            raise NonFiniteStep(f"the weights are not finite at step {progress.step}; nothing was saved")
-        payload = checkpoint_payload(t, progress, train_batches, rng_states, global_batch, data_meta, resolved_config)
-        checkpoints.save(payload, progress.step, improved)
+        model_state, optimizer_state = sharding.full_state_dicts(raw_model, optimizer, t.fsdp)  # so here (FSDP2)
+        failure = None
+        if env.is_main:
+            try:
+                if not all_finite(model_state):  # never write NaN weights over a good checkpoint
+                    raise NonFiniteStep(f"the weights are not finite at step {progress.step}; nothing was saved")
+                payload = checkpoint_payload(t, progress, model_state, optimizer_state, train_batches, rng_states,
+                                             global_batch, data_meta, resolved_config)
+                checkpoints.save(payload, progress.step, improved)
+            except Exception as e:
+                failure = e
+        # only rank 0 writes: the others learn whether it could, instead of waiting for it forever
+        if distributed.gather_to_all(failure is None, env) != [True] * env.world_size:
+            if failure is not None:
+                raise failure
+            raise UserError(f"rank 0 could not save the checkpoint of step {progress.step}: see {run_dir / 'train.log'}")
 
     if env.is_main:
         metrics = Metrics(run_dir, config.logger, resolved_config,
@@ -473,7 +489,7 @@ def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
         if hardware.resolve(config.hardware).device_type == "cpu":  # share the cores, as torchrun's OMP_NUM_THREADS
             import torch
 
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
         device = distributed.init_process_group(env, config.hardware.backend, hardware.resolve(config.hardware).device_type)
         resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
         return train(config, run_dir, data_meta, resolved, resume_from, env, device)
@@ -502,7 +518,7 @@ def run_processes(config: TrainConfig, run_dir: Path, data_meta: dict, resolved:
     except SignalException as e:  # the launcher passed the signal on; the workers saved and stopped
         return {"step": None, "stopped_by": signal.Signals(e.sigval)}
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
+        rank, failure = e.get_first_failure()
         where = run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
         raise UserError(f"rank {rank} failed (exit code {failure.exitcode}) and the others were stopped: see {where}") from None
     return results[0]

@@ -214,7 +214,7 @@ def test_an_exception_on_one_rank_stops_every_rank_quickly(workspace, tmp_path):
 
 # --- where a process finds its rank ---------------------------------------------------------
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST",
                       "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NUM_NODES", "SLURM_NODEID",
                       "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID")
 
@@ -255,7 +255,7 @@ def test_slurm_one_node(launcher_env):
     env = detect()
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (1, 1, 2, 2)
     assert env.master_addr == "gpu-a17" and env.source == "slurm"
-    assert env.master_port == 20000 + 4242 % 40000  # the same on every task, with no talk between them
+    assert env.master_port == 20000 + (4242 * 16 + 0) % 40000  # the same on every task of the step, unspoken
 
 
 def test_slurm_several_nodes(launcher_env):
@@ -267,6 +267,9 @@ def test_slurm_several_nodes(launcher_env):
     env = detect()
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (6, 2, 8, 4)
     assert (env.master_addr, env.master_port) == ("node03", 31000)
+    # a step on part of the job's nodes: its own first node is the master
+    launcher_env(SLURM_STEP_NODELIST="node[04,07-08]")
+    assert detect().master_addr == "node04"
 
 
 def test_a_slurm_batch_script_or_a_single_task_is_one_process(launcher_env):
@@ -285,3 +288,38 @@ def test_a_broken_launcher_variable_is_named(launcher_env):
     launcher_env(RANK="one", WORLD_SIZE=2)
     with pytest.raises(ConfigError, match="RANK='one' is not a whole number"):
         detect()
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------
+
+
+def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_without_it(workspace):
+    cwd, base = workspace
+    split = ["batch_size=4", "global_batch_size=8", "max_iters=10"]
+    sharded, result = train(cwd, base, "fsdp_10", "hardware=fsdp", *split)
+    assert "x 2 processes" in result.stdout
+    one, _ = train(cwd, base, "one_4", *split) if not (cwd / "one_4").exists() else (cwd / "one_4", None)
+    ckpt = torch.load(sharded / "checkpoints" / "last.pt", weights_only=True)
+    assert isinstance(ckpt["optimizer"]["param_groups"][0]["params"][0], str)  # whole, keyed by parameter name
+    diff = max_diff(ckpt["model"], weights(one))
+    print(f"\n[fsdp] 2 sharded processes x 4 vs 1 x 4 x 2, 10 steps: max |weight diff| = {diff:.2e}")
+    assert diff < 1e-5
+    sampled = run_cli("nanogpt.sample", f"init_from={sharded}", "num_samples=1", "max_new_tokens=20", cwd=cwd)
+    assert sampled.returncode == 0 and len(sampled.stdout) > 20, sampled.stderr
+
+
+def test_fsdp_and_plain_checkpoints_continue_each_other(workspace, ddp_straight):
+    """20 steps sharded on 2 processes, 10 more on 1 plain process, 10 more sharded again: the
+    optimizer state crosses both ways (names <-> numbers) and the run matches 40 DDP steps."""
+    cwd, base = workspace
+    args = ["batch_size=4", "global_batch_size=8", "optim.decay_iters=40"]
+    run_dir, _ = train(cwd, base, "fsdp_plain_fsdp", "hardware=fsdp", *args, "max_iters=20")
+    plain = run_cli("nanogpt.train", f"resume={run_dir}", "max_iters=30", "hardware.nproc_per_node=1",
+                    "hardware.fsdp=false", cwd=cwd)
+    assert plain.returncode == 0, plain.stderr
+    sharded = run_cli("nanogpt.train", f"resume={run_dir}", "max_iters=40", "hardware.nproc_per_node=2",
+                      "hardware.fsdp=true", cwd=cwd)
+    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-2000:]
+    diff = max_diff(weights(run_dir), weights(ddp_straight))
+    print(f"\n[fsdp] 20 sharded + 10 plain + 10 sharded vs 40 DDP steps: max |weight diff| = {diff:.2e}")
+    assert diff < 1e-5
