@@ -492,12 +492,15 @@ def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
         device = distributed.init_process_group(env, config.hardware.backend, hardware.resolve(config.hardware).device_type)
         resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
-        return train(config, run_dir, data_meta, resolved, resume_from, env, device)
+        result = train(config, run_dir, data_meta, resolved, resume_from, env, device)
     except BaseException as e:
         log.error(f"rank {env.rank} failed: {e.__class__.__name__}: {e}", exc_info=not isinstance(e, UserError))
         raise
     finally:
         distributed.destroy_process_group()
+    if result["stopped_by"] is not None:  # the launcher is shutting down: it reads no return value, exit
+        sys.exit(128 + int(result["stopped_by"]))
+    return result
 
 
 def run_processes(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: Path | None) -> dict:

@@ -22,7 +22,7 @@ REQUIRED = {"data=text": ["data.source=corpus.txt"]}
 def test_groups_and_experiments_exist():
     assert OPTIONS["model"] == ["cpu_char", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl", "shakespeare_char"]
     assert OPTIONS["data"] == ["openwebtext", "shakespeare", "shakespeare_char", "text"]
-    assert set(OPTIONS["hardware"]) == {"auto", "cpu", "gpu", "mps", "ddp", "multinode"}
+    assert set(OPTIONS["hardware"]) == {"auto", "cpu", "gpu", "mps", "ddp", "fsdp", "multinode"}
     assert set(OPTIONS["logger"]) == {"none", "wandb"}
     assert set(EXPERIMENTS) >= {
         "shakespeare_char", "shakespeare_char_cpu", "gpt2_124m", "finetune_shakespeare",
@@ -60,7 +60,8 @@ def test_default_is_the_cpu_recipe():
     default = OmegaConf.to_container(compose("train"), resolve=True)
     recipe = OmegaConf.to_container(compose("train", ["experiment=shakespeare_char_cpu"]), resolve=True)
     assert recipe.pop("hardware") == {"device": "cpu", "dtype": "float32", "compile": False, "tf32": False,
-                                      "peak_flops": None, "nproc_per_node": 1, "nnodes": 1, "backend": None}
+                                      "peak_flops": None, "nproc_per_node": 1, "nnodes": 1, "backend": None,
+                                      "fsdp": False}
     default.pop("hardware")
     assert default == recipe
     # nanoGPT README: --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000

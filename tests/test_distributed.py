@@ -49,6 +49,19 @@ def logged(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k in keep} for r in records]
 
 
+def assert_one_run_dir(cwd: Path) -> Path:
+    """A 2-process run left exactly one run dir: one snapshot, one metrics.jsonl, two rank logs."""
+    (run_dir,) = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
+    assert sorted(p.name for p in cwd.iterdir()) == ["outputs"]
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train.rank1.log"]
+    assert len(list(run_dir.rglob("config.yaml"))) == 1 and len(list(run_dir.rglob("metrics.jsonl"))) == 1
+    record = json.loads((run_dir / "provenance.json").read_text())
+    assert record["world_size"] == 2 and record["status"] == "done"
+    steps = [r["step"] for r in logged(run_dir) if r["kind"] == "train"]
+    assert steps == list(range(1, steps[-1] + 1))  # logged once, by rank 0
+    return run_dir
+
+
 # --- the global batch ------------------------------------------------------------------------
 
 
@@ -56,7 +69,11 @@ def logged(run_dir: Path) -> list[dict]:
 def test_the_global_batch_trains_the_same_however_it_is_split(workspace, micro_batch):
     cwd, base = workspace
     split = [f"batch_size={micro_batch}", "global_batch_size=8", "max_iters=10"]
-    two, result = train(cwd, base, f"two_{micro_batch}", "hardware=ddp", "hardware.nproc_per_node=2", *split)
+    run_cwd = cwd / f"documented_{micro_batch}"  # the README's command, in a dir of its own
+    run_cwd.mkdir()
+    result = run_cli("nanogpt.train", *base, "hardware=ddp", "hardware.nproc_per_node=2", *split, cwd=run_cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = assert_one_run_dir(run_cwd)
     one, _ = train(cwd, base, f"one_{micro_batch}", *split)
     accum_two, accum_one = 8 // (micro_batch * 2), 8 // micro_batch
     assert f"{micro_batch} x 32 x {accum_two} micro-steps x 2 processes" in result.stdout
@@ -64,24 +81,6 @@ def test_the_global_batch_trains_the_same_however_it_is_split(workspace, micro_b
     print(f"\n[equivalence] 2 processes x {micro_batch} x {accum_two} vs 1 x {micro_batch} x {accum_one}, "
           f"10 steps: max |weight diff| = {diff:.2e}")
     assert diff < 1e-5
-
-
-def test_a_multi_process_run_leaves_one_run_dir(workspace):
-    cwd, base = workspace
-    run_cwd = cwd / "documented"
-    run_cwd.mkdir()
-    result = run_cli("nanogpt.train", *base, "hardware=ddp", "hardware.nproc_per_node=2", "batch_size=4",
-                     "global_batch_size=8", "max_iters=4", cwd=run_cwd)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = [p for p in (run_cwd / "outputs").glob("*/*") if p.is_dir()]
-    assert sorted(p.name for p in run_cwd.iterdir()) == ["outputs"]
-    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train.rank1.log"]
-    assert len(list(run_dir.rglob("metrics.jsonl"))) == 1 and len(list(run_dir.rglob("config.yaml"))) == 1
-    assert "[rank 1]" in (run_dir / "train.rank1.log").read_text()
-    record = json.loads((run_dir / "provenance.json").read_text())
-    assert record["world_size"] == 2 and record["status"] == "done"
-    steps = [r["step"] for r in logged(run_dir) if r["kind"] == "train"]
-    assert steps == [1, 2, 3, 4]  # logged once, by rank 0
 
 
 def test_a_torchrun_launch_leaves_one_run_dir(workspace):
@@ -96,11 +95,8 @@ def test_a_torchrun_launch_leaves_one_run_dir(workspace):
         cwd=run_cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run_dir,) = [p for p in (run_cwd / "outputs").glob("*/*") if p.is_dir()]
-    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train.rank1.log"]
-    assert len(list(run_dir.rglob("config.yaml"))) == 1 and len(list(run_dir.rglob("metrics.jsonl"))) == 1
+    assert_one_run_dir(run_cwd)
     assert "4 x 32 x 1 micro-steps x 2 processes" in result.stdout
-    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
 
 
 def test_global_batch_that_does_not_divide_is_refused(workspace, tmp_path):
@@ -141,9 +137,12 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
     seen.append(proc.stdout.read())
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen)
     stopped = cwd / "ddp_stopped"
-    stopped_at = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"]
-    assert 15 <= stopped_at < 40 and json.loads((stopped / "provenance.json").read_text())["status"] == "preempted"
     ckpt = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    stopped_at = ckpt["step"]
+    # both ranks stopped after the same step, and that step was saved (not only the last evaluation's)
+    assert f"stopped by SIGTERM after step {stopped_at}; checkpoint in" in "".join(seen)
+    assert f"stopped by SIGTERM after step {stopped_at}" in (stopped / "train.rank1.log").read_text()
+    assert 15 <= stopped_at < 40 and json.loads((stopped / "provenance.json").read_text())["status"] == "preempted"
     assert len(ckpt["resume"]["rng"]) == 2  # each rank's RNG states
 
     resumed = run_cli("nanogpt.train", f"resume={stopped}", cwd=cwd)
@@ -151,28 +150,6 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
     assert all(torch.equal(a, b) for a, b in zip(weights(stopped).values(), weights(straight).values()))
     assert logged(stopped) == logged(straight)
 
-
-
-def test_a_two_process_run_continues_on_one_process_with_the_same_data_order(workspace, ddp_straight):
-    cwd, base = workspace
-    straight = ddp_straight  # its schedule decays over 40 steps (decay_iters follows max_iters=40)
-    args = ["hardware=ddp", "batch_size=4", "global_batch_size=8", "optim.decay_iters=40"]
-    first, _ = train(cwd, base, "ddp_then_single", *args, "hardware.nproc_per_node=2", "max_iters=20")
-    # on one process the same global batch takes two micro-steps: the same batches, in the same order
-    result = run_cli("nanogpt.train", f"resume={first}", "max_iters=40", "hardware.nproc_per_node=1", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    assert "4 x 32 x 2 micro-steps x 1 processes" in result.stdout
-    assert "dropout masks start anew" in result.stdout  # 2 ranks' RNG states, 1 process
-    diff = max_diff(weights(first), weights(straight))
-    print(f"\n[resume] 20 steps on 2 processes + 20 on 1 vs 40 on 2: max |weight diff| = {diff:.2e}")
-    assert diff < 1e-5
-    ours = [r for r in logged(first) if r["step"] > 20]
-    theirs = [r for r in logged(straight) if r["step"] > 20]
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
-    for a, b in zip(ours, theirs):
-        for key in ("loss", "val_loss"):
-            if key in a:
-                assert abs(a[key] - b[key]) < 1e-4, (a, b)
 
 
 # --- failures ------------------------------------------------------------------------------
@@ -310,16 +287,26 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_without_it(worksp
 
 def test_fsdp_and_plain_checkpoints_continue_each_other(workspace, ddp_straight):
     """20 steps sharded on 2 processes, 10 more on 1 plain process, 10 more sharded again: the
-    optimizer state crosses both ways (names <-> numbers) and the run matches 40 DDP steps."""
+    data order is global, the optimizer state crosses both ways (names <-> numbers), and the run
+    matches 40 DDP steps."""
     cwd, base = workspace
     args = ["batch_size=4", "global_batch_size=8", "optim.decay_iters=40"]
     run_dir, _ = train(cwd, base, "fsdp_plain_fsdp", "hardware=fsdp", *args, "max_iters=20")
     plain = run_cli("nanogpt.train", f"resume={run_dir}", "max_iters=30", "hardware.nproc_per_node=1",
                     "hardware.fsdp=false", cwd=cwd)
     assert plain.returncode == 0, plain.stderr
+    # on one process the same global batch takes two micro-steps: the same batches, in the same order
+    assert "4 x 32 x 2 micro-steps x 1 processes" in plain.stdout
+    assert "dropout masks start anew" in plain.stdout  # 2 ranks' RNG states, 1 process
     sharded = run_cli("nanogpt.train", f"resume={run_dir}", "max_iters=40", "hardware.nproc_per_node=2",
                       "hardware.fsdp=true", cwd=cwd)
     assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-2000:]
     diff = max_diff(weights(run_dir), weights(ddp_straight))
     print(f"\n[fsdp] 20 sharded + 10 plain + 10 sharded vs 40 DDP steps: max |weight diff| = {diff:.2e}")
     assert diff < 1e-5
+    ours, theirs = logged(run_dir), logged(ddp_straight)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4, (a, b)
