@@ -145,10 +145,24 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
     assert 15 <= stopped_at < 40 and json.loads((stopped / "provenance.json").read_text())["status"] == "preempted"
     assert len(ckpt["resume"]["rng"]) == 2  # each rank's RNG states
 
+    import shutil
+
+    on_one = cwd / "ddp_stopped_then_one_process"
+    shutil.copytree(stopped, on_one)
+
     resumed = run_cli("nanogpt.train", f"resume={stopped}", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr
     assert all(torch.equal(a, b) for a, b in zip(weights(stopped).values(), weights(straight).values()))
     assert logged(stopped) == logged(straight)
+
+    # the same stopped run continued on one process: twice the accumulation, the same global batches
+    # in the same order, so the same weights up to float summation order
+    single = run_cli("nanogpt.train", f"resume={on_one}", "hardware.nproc_per_node=1", cwd=cwd)
+    assert single.returncode == 0, single.stderr
+    assert "4 x 32 x 2 micro-steps x 1 processes" in single.stdout
+    diff = max_diff(weights(on_one), weights(straight))
+    print(f"\n[resume] 2 processes stopped at step {stopped_at}, continued on 1: max |weight diff| at step 40 = {diff:.2e}")
+    assert diff < 1e-5
 
 
 
