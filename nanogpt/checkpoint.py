@@ -284,8 +284,11 @@ class CheckpointDir:
             if problem is None:
                 return
             problems.append(f"{path.name} is unusable: {problem}")
-        raise UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; start the run again in a "
-                        f"fresh dir (reproduce=<run dir>)")
+        raise self._none_usable(problems)
+
+    def _none_usable(self, problems: list[str]) -> UserError:
+        return UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; start the run again in a "
+                         f"fresh dir (reproduce=<run dir>)")
 
     def _distinct_candidates(self) -> list[Path]:
         """candidates(), each file once (last.pt and the newest step-N.pt are one file)."""
@@ -296,8 +299,9 @@ class CheckpointDir:
                 distinct.append(path)
         return distinct
 
-    def load_latest_good(self) -> tuple[dict, Path]:
-        """The newest checkpoint that passes its checks and loads; says which ones it skipped."""
+    def load_latest_good(self, mmap: bool = False) -> tuple[dict, Path]:
+        """The newest checkpoint that passes its checks and loads; says which ones it skipped.
+        Read whole by default: all of it is used, and the file will be replaced while training."""
         if not self.candidates():
             raise UserError(f"{self.path} holds no checkpoint (last.pt, step-N.pt or best.pt) to resume from")
         problems = []
@@ -305,7 +309,7 @@ class CheckpointDir:
             problem = self.verify(path)
             if problem is None:
                 try:
-                    payload = load_file(path, mmap=False)  # all of it is used, and the file will be replaced
+                    payload = load_file(path, mmap=mmap)
                 except UserError as e:
                     problem = str(e)
                 else:
@@ -316,8 +320,7 @@ class CheckpointDir:
                     log.warning(f"{'; '.join(problems)}; resuming from {path.name} (step {payload['step']}) instead")
                 return payload, path
             problems.append(f"{path.name} is unusable: {problem}")
-        raise UserError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; start the run again in a "
-                        f"fresh dir (reproduce=<run dir>)")
+        raise self._none_usable(problems)
 
     def _read_checksums(self) -> dict:
         try:

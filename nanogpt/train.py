@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -154,13 +153,16 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     grad_norm = sharding.local(grad_norm)
     # the one host sync of a step: whether to apply it must be known before it is applied, and
-    # with several ranks they all decide alike (one tiny all-reduce: the minimum of each flag)
-    flags = torch.stack([loss_sum.isfinite(), grad_norm.isfinite(), torch.tensor(not stop_requested, device=grad_norm.device)]).float()
+    # with several ranks they all decide alike (one tiny all-reduce: the minimum of each flag,
+    # with the stop request among them)
+    flags = torch.stack([loss_sum.isfinite(), grad_norm.isfinite()]).float()
     if ddp:
         import torch.distributed as dist
 
+        flags = torch.cat([flags, flags.new_full((1,), float(not stop_requested))])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    loss_ok, grad_ok, go_on = (bool(f) for f in flags.tolist())
+    loss_ok, grad_ok, *go_on = (bool(f) for f in flags.tolist())
+    go_on = go_on[0] if go_on else not stop_requested
     if not loss_ok or (not grad_ok and not scaler.is_enabled()):  # fp16 overflow is the scaler's to handle
         if on_nonfinite == NonFinite.stop:
             what = "loss" if not loss_ok else "gradient norm"
@@ -446,9 +448,11 @@ def interrupted(exc: BaseException | None) -> bool:
     return False
 
 
-def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict) -> tuple[dict | None, Path | None]:
+def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
+                         whole: bool = True) -> tuple[dict | None, Path | None]:
     """The newest good checkpoint of the run dir when the run continues (resume is not never);
-    refuses it if the config changed in a way a continued run may not."""
+    refuses it if the config changed in a way a continued run may not. whole=False maps the file
+    instead of reading it (for a caller that only looks at its config and step)."""
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.resume import refuse_changes, refuse_overwrite
 
@@ -457,7 +461,7 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict) -> 
         return None, None
     if config.resume == "never":
         refuse_overwrite(run_dir)
-    payload, path = checkpoints.load_latest_good()
+    payload, path = checkpoints.load_latest_good(mmap=not whole)
     refuse_changes(json.loads(payload["config"]), resolved, run_dir)
     for partial in checkpoints.remove_partial_writes():
         log.info(f"removed {partial.name}, left by a save that was interrupted")
@@ -465,73 +469,11 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict) -> 
     return payload, path
 
 
-def _log_to_rank_file(run_dir: Path, rank: int) -> None:
-    """A spawned worker's logging: its own file in the run dir (rank 0: train.log, beside the
-    launcher's lines), and rank 0's progress lines on stdout; other ranks print only warnings."""
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    name = "train.log" if rank == 0 else f"train.rank{rank}.log"
-    file = logging.FileHandler(run_dir / name)
-    file.setFormatter(logging.Formatter(f"[%(asctime)s][%(levelname)s][rank {rank}] %(message)s"))
-    console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    root.handlers = [file, console]
-
-
-def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: str | None) -> dict:
-    """One rank of a run that nanogpt-train started on this machine (hardware.nproc_per_node > 1)."""
-    from nanogpt import checkpoint, distributed, hardware
-
-    env = distributed.detect()
-    _log_to_rank_file(run_dir, env.rank)
-    try:
-        if hardware.resolve(config.hardware).device_type == "cpu":  # share the cores, as torchrun's OMP_NUM_THREADS
-            import torch
-
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
-        device = distributed.init_process_group(env, config.hardware.backend, hardware.resolve(config.hardware).device_type)
-        resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
-        result = train(config, run_dir, data_meta, resolved, resume_from, env, device)
-    except BaseException as e:
-        log.error(f"rank {env.rank} failed: {e.__class__.__name__}: {e}", exc_info=not isinstance(e, UserError))
-        raise
-    finally:
-        distributed.destroy_process_group()
-    if result["stopped_by"] is not None:  # the launcher is shutting down: it reads no return value, exit
-        sys.exit(128 + int(result["stopped_by"]))
-    return result
-
-
-def run_processes(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: Path | None) -> dict:
-    """Start hardware.nproc_per_node workers on this machine and wait for them: rank 0's result.
-    A failed worker stops the others (the launcher's doing) and raises a one-line UserError."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    import nanogpt.train  # the workers import the worker from here, also when this file runs as __main__
-    from nanogpt import distributed
-
-    nproc = config.hardware.nproc_per_node
-    log.info(f"starting {nproc} processes on this machine (ranks 0-{nproc - 1}); rank logs: train.log, "
-             f"train.rank1.log, ... in {run_dir}")
-    try:
-        results = distributed.launch_local(nproc, nanogpt.train._worker, config, run_dir, data_meta, resolved,
-                                           None if resume_path is None else str(resume_path))
-    except SignalException as e:  # the launcher passed the signal on; the workers saved and stopped
-        return {"step": None, "stopped_by": signal.Signals(e.sigval)}
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        where = run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
-        raise UserError(f"rank {rank} failed (exit code {failure.exitcode}) and the others were stopped: see {where}") from None
-    return results[0]
-
-
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from nanogpt import distributed, hardware
+    from nanogpt import distributed, launch
     from nanogpt.preflight import check_data_and_vocab, to_train_config
     from nanogpt.provenance import RunRecord
 
@@ -544,7 +486,8 @@ def _main(cfg: DictConfig) -> dict:
         data_meta = check_data_and_vocab(config)  # done before the run dir was made; cheap now
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        resume_from, resume_path = checkpoint_to_resume(config, run_dir, resolved)
+        # a launcher that spawns workers only needs the checkpoint's config and step: each worker reads it whole
+        resume_from, resume_path = checkpoint_to_resume(config, run_dir, resolved, whole=not spawn)
         record = None
         if env.is_main:
             record = RunRecord(
@@ -554,15 +497,10 @@ def _main(cfg: DictConfig) -> dict:
             )
         try:
             if spawn:
-                del resume_from  # each worker reads the checkpoint itself
-                result = run_processes(config, run_dir, data_meta, resolved, resume_path)
+                del resume_from
+                result = launch.run_processes(config, run_dir, data_meta, resolved, resume_path)
             elif env.is_distributed:  # one rank of torchrun or srun
-                device = distributed.init_process_group(env, config.hardware.backend,
-                                                        hardware.resolve(config.hardware).device_type)
-                try:
-                    result = train(config, run_dir, data_meta, resolved, resume_from, env, device)
-                finally:
-                    distributed.destroy_process_group()
+                result = launch.train_as_rank(config, run_dir, data_meta, resolved, resume_from, env)
             else:
                 result = train(config, run_dir, data_meta, resolved, resume_from)
         except BaseException as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,22 @@ if TIKTOKEN_CACHE.is_dir():
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-@pytest.fixture
-def shakespeare_path() -> Path:
+def require_shakespeare() -> Path:
+    """The real tiny Shakespeare, or a skip that says why (for module-scoped fixtures too)."""
     if not SHAKESPEARE.is_file():
         pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
     return SHAKESPEARE
+
+
+def require_mount_namespace(what: str) -> None:
+    """Skip, saying why, unless `unshare -m` works here (root with CAP_SYS_ADMIN, as in CI)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip(f"needs `unshare -m` (root with CAP_SYS_ADMIN) to {what}")
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    return require_shakespeare()
 
 
 @pytest.fixture

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHAKESPEARE, run_cli
+from conftest import REPO, SHAKESPEARE, require_mount_namespace, require_shakespeare, run_cli
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A finished run, and broken copies of it: no checkpoint, every checkpoint corrupt."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
+    require_shakespeare()
     base = tmp_path_factory.mktemp("bad_inputs")
     data = base / "data"
     args = [f"data.source={SHAKESPEARE}", f"data.dir={data}", "max_iters=4", "eval_interval=2", "eval_iters=1",
@@ -100,8 +99,7 @@ def test_a_user_mistake_gets_one_line_and_changes_nothing(runs, tmp_path, args, 
 
 
 def test_a_read_only_run_dir_is_refused_before_anything_runs(runs, tmp_path):
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-        pytest.skip("needs `unshare -m` (root with CAP_SYS_ADMIN) to bind-mount a dir read-only")
+    require_mount_namespace("bind-mount a dir read-only")
     base, good_args = runs
     before = fingerprint(base)
     run_dir = base / "finished"

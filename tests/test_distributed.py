@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, run_cli
+from conftest import REPO, SHAKESPEARE, require_shakespeare, run_cli
 
 SMALL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=32", "hardware.peak_flops=1e11",
          "eval_interval=5", "eval_iters=2", "log_interval=1"]
@@ -23,8 +23,7 @@ SMALL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_si
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
+    require_shakespeare()
     cwd = tmp_path_factory.mktemp("distributed")
     return cwd, [f"data.source={SHAKESPEARE}", f"data.dir={cwd / 'data'}", *SMALL]
 

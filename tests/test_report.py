@@ -6,13 +6,12 @@ import csv
 
 import pytest
 
-from conftest import SHAKESPEARE, run_cli
+from conftest import SHAKESPEARE, require_shakespeare, run_cli
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
+    require_shakespeare()
     cwd = tmp_path_factory.mktemp("sweep")
     result = run_cli("nanogpt.train", "--multirun", "optim.lr=1e-3,3e-3", "seed=1,2", f"data.source={SHAKESPEARE}",
                      f"data.dir={cwd / 'data'}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",

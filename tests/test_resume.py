@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, run_cli
+from conftest import REPO, SHAKESPEARE, require_mount_namespace, require_shakespeare, run_cli
 
 N = 60  # steps of every run here; stops land near N/2
 LOGGED = ("step", "kind", "loss", "lr", "grad_norm", "skipped_steps", "train_loss", "val_loss")
@@ -50,8 +50,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A cwd with the dataset prepared once, and one run of N steps that never stopped."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
+    require_shakespeare()
     cwd = tmp_path_factory.mktemp("resume")
     data_dir = cwd / "data"
     result = run_cli("nanogpt.train", *train_args(data_dir), "hydra.run.dir=straight", cwd=cwd)
@@ -255,8 +254,7 @@ def test_extending_a_finished_run_keeps_its_schedule_and_appends_to_its_wandb_ru
 
 
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(workspace):
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-        pytest.skip("needs `unshare -m` (root with CAP_SYS_ADMIN) to mount a small tmpfs")
+    require_mount_namespace("mount a small tmpfs")
     cwd, data_dir, _ = workspace
     disk, copy = cwd / "full_disk", cwd / "full_disk_after"
     disk.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHAKESPEARE, run_cli
+from conftest import require_shakespeare, run_cli
 
 FAST = ["max_iters=20", "eval_interval=10", "eval_iters=2", "log_interval=5"]
 
@@ -30,9 +30,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory, request):
     """One short run of the default recipe, shared by the tests that read its run dir."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs the real tiny Shakespeare at {SHAKESPEARE} (shared/ is absent)")
-    shakespeare = SHAKESPEARE
+    shakespeare = require_shakespeare()
     cwd = tmp_path_factory.mktemp("char_run")
     result = run_cli("nanogpt.train", f"data.source={shakespeare}", *FAST, cwd=cwd)
     assert result.returncode == 0, result.stderr
