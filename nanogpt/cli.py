@@ -41,11 +41,13 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     from nanogpt.config import register_schemas
+    from nanogpt.sweep import register_resolvers
 
     register_schemas()
     # run dirs are named by time and pid: two runs started in the same second never share one
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", os.getpid)
+    register_resolvers()
     cs = ConfigStore.instance()
     for path in sorted(experiments_dir().glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")

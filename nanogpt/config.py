@@ -114,6 +114,7 @@ class HardwareConfig:
     nnodes: int = 1  # nodes of the run (for the SLURM launcher; torchrun and srun say it themselves)
     backend: Optional[str] = None  # process-group backend; None: nccl on cuda, gloo elsewhere
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
+    cpus_per_process: Optional[int] = None  # CPU cores per process in a submitit/SLURM job: cpus_per_task, torch threads
 
 
 @dataclass

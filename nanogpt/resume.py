@@ -33,7 +33,7 @@ RESUMABLE = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "save_checkpoints", "keep_checkpoints",
     "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "data.num_threads", "data.dir",
     "data.source", "hardware.nproc_per_node", "hardware.nnodes", "hardware.backend",
-    "hardware.fsdp",
+    "hardware.fsdp", "hardware.cpus_per_process",
 )
 RESUMABLE_IN_WORDS = ("max_iters, eval/log intervals, checkpoint settings, on_nonfinite, logger.*, data.dir/source, "
                       "and the process count when the global batch stays the same")
@@ -53,7 +53,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def refuse_changes(old: dict, new: dict, run_dir: Path | str) -> None:
+def refuse_changes(old: dict, new: dict, run_dir: Path | str, way_out: str | None = None) -> None:
     """ConfigError unless the two resolved configs differ only in RESUMABLE keys."""
     old_flat, new_flat = flatten(old), flatten(new)
     for key in sorted(old_flat.keys() | new_flat.keys()):
@@ -61,8 +61,8 @@ def refuse_changes(old: dict, new: dict, run_dir: Path | str) -> None:
             continue
         raise ConfigError(
             f"{run_dir} holds a run with {key}={old_flat.get(key)!r}, and this command sets {new_flat.get(key)!r}: "
-            f"a continued run keeps its config (only {RESUMABLE_IN_WORDS} may change); to train with it "
-            f"changed, start a new run in a fresh dir with init_from={run_dir}"
+            f"a continued run keeps its config (only {RESUMABLE_IN_WORDS} may change); "
+            + (way_out or f"to train with it changed, start a new run in a fresh dir with init_from={run_dir}")
         )
 
 

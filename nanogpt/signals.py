@@ -42,3 +42,13 @@ class StopRequest:
             self.signal = signal.Signals(signum)
             log.info(f"{self.signal.name} received: stopping after this step, with a checkpoint "
                      f"(Ctrl-C again to stop at once)")
+
+
+def hand_over(sig: signal.Signals) -> None:
+    """After a run stopped on `sig` and saved, let the handler that was installed before ours have
+    the signal. Under submitit that is what requeues a preempted or timed-out job (it resubmits
+    the job into the same run dir, where it resumes from the checkpoint) and exits; elsewhere
+    there is no such handler and this does nothing."""
+    handler = signal.getsignal(sig)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(sig, None)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
 from nanogpt.config import NonFinite, TrainConfig, UserError, check_world_size
 from nanogpt.distributed import DistEnv
-from nanogpt.signals import StopRequest
+from nanogpt.signals import StopRequest, hand_over
 
 if TYPE_CHECKING:
     import torch
@@ -510,6 +510,7 @@ def _main(cfg: DictConfig) -> dict:
         if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
             if record:
                 record.finish("preempted")
+            hand_over(result["stopped_by"])  # in a submitit job: requeue it (exits)
             sys.exit(128 + int(result["stopped_by"]))
         if record:
             record.finish("done")

@@ -61,7 +61,7 @@ def test_default_is_the_cpu_recipe():
     recipe = OmegaConf.to_container(compose("train", ["experiment=shakespeare_char_cpu"]), resolve=True)
     assert recipe.pop("hardware") == {"device": "cpu", "dtype": "float32", "compile": False, "tf32": False,
                                       "peak_flops": None, "nproc_per_node": 1, "nnodes": 1, "backend": None,
-                                      "fsdp": False}
+                                      "fsdp": False, "cpus_per_process": 4}
     default.pop("hardware")
     assert default == recipe
     # nanoGPT README: --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000

@@ -25,6 +25,7 @@ def test_experiments_work_from_an_installed_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "nanogpt/conf/train.yaml" in names and "nanogpt/conf/model/gpt2.yaml" in names
     assert "nanogpt/experiments/gpt2_124m.yaml" in names
+    assert "hydra_plugins/nanogpt_launchers/launchers.py" in names and "nanogpt/conf/launcher/slurm.yaml" in names
 
     # install the wheel alone into a folder and run it from elsewhere: no checkout on the path
     target = tmp_path / "site"
@@ -42,6 +43,15 @@ def test_experiments_work_from_an_installed_wheel(tmp_path):
     first, rest = result.stdout.split("\n", 1)
     assert first.startswith(str(target))
     assert OmegaConf.create(rest).model.vocab_size == 50304
+
+    # Hydra finds the sweep launchers of the installed wheel (it loads plugins from hydra_plugins only)
+    plugins = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv[0] = 'nanogpt-train'; from nanogpt.train import main; main()",
+         "--info", "plugins"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert plugins.returncode == 0, plugins.stderr
+    assert "\t\tSubmititLocalLauncher" in plugins.stdout  # only ours has this name
+    assert "nanogpt_launchers" in plugins.stdout  # in the plugins' import times
 
 
 def test_console_scripts_are_installed():
