@@ -63,3 +63,36 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# A model small enough that a sweep job is mostly process start-up: for tests of the sweep machinery.
+TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "eval_iters=1",
+        "optim.warmup_iters=0", "hardware=cpu", "hardware.cpus_per_process=1", "hardware.peak_flops=1e11"]
+
+CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster"
+
+
+def _slurm_answers() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return "is UP" in ping.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM cluster on this machine: one already up is used as it is; otherwise
+    .ci/slurm-cluster brings one up for the session and takes it down after."""
+    if _slurm_answers():
+        yield
+        return
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        pytest.skip("needs the SLURM daemons and root: run `.ci/slurm-cluster install` (CI does)")
+    up = subprocess.run([str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=180)
+    if up.returncode != 0:
+        subprocess.run([str(CLUSTER_SCRIPT), "down"], capture_output=True, timeout=120)
+        pytest.fail(f"could not bring up the local SLURM cluster: {up.stderr[-2000:]}")
+    try:
+        yield
+    finally:
+        subprocess.run([str(CLUSTER_SCRIPT), "down"], capture_output=True, timeout=120)

@@ -97,8 +97,8 @@ class _Submitit(BaseSubmititLauncher):
             for key in sweep.RESOURCES:
                 if key in wanted and key in self.params and wanted[key] != self.params[key]:
                     raise ConfigError(
-                        f"job {job.num} ({' '.join(filter_overrides(job.overrides))}) needs {key}={wanted[key]}, the "
-                        f"sweep's other settings give {self.params[key]}: one submitit array has one set of resources; "
+                        f"job {job.num} ({' '.join(filter_overrides(job.overrides))}) needs {key}={wanted[key]}, and the "
+                        f"array is sized for {self.params[key]}: one submitit array has one set of resources; "
                         f"sweep the hardware group in separate commands"
                     )
 
@@ -130,8 +130,9 @@ class SubmititLocalLauncher(_Submitit, _SubmititLocal):
 
         executor = submitit.LocalExecutor(folder=self.params["submitit_folder"],
                                           max_num_timeout=self.params["max_num_timeout"])
-        executor.update_parameters(**{k: v for k, v in self.params.items()
-                                      if k not in ("submitit_folder", "max_num_timeout")})
+        params = {k: v for k, v in self.params.items() if k not in ("submitit_folder", "max_num_timeout")}
+        params["gpus_per_node"] = params.get("gpus_per_node") or 0  # it counts them: None (cpu) is 0 here
+        executor.update_parameters(**params)
         return executor
 
 
