@@ -17,6 +17,7 @@ No torch at import: the config checks that run on every launch read the environm
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 from nanogpt.config import ConfigError
@@ -196,12 +197,20 @@ def launch_local(nproc: int, worker, *args) -> dict:
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    passed_on = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
         # SLURM's warning signals too: passed on to the workers, which save and stop; they have
         # shutdown_timeout seconds for it before the launcher kills them
-        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        signals_to_handle=",".join(passed_on), shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
-    return elastic_launch(config, worker)(*args)
+    # the launcher installs its own handlers and leaves them: put back the ones it found (under
+    # submitit, the handler that requeues the job once the workers have saved)
+    previous = {sig: signal.getsignal(sig) for sig in (getattr(signal, name) for name in passed_on)}
+    try:
+        return elastic_launch(config, worker)(*args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -156,6 +156,20 @@ def _cell(value, column: str) -> str:
     return str(value).replace("|", "\\|")
 
 
+def resume_command(sweep_dir: Path) -> str | None:
+    """The command that finishes the sweep: its own, from Hydra's multirun.yaml, pinned to its dir
+    (finished jobs are skipped, the others continue from their checkpoints)."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    if not (sweep_dir / "multirun.yaml").is_file():
+        return None
+    overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+    kept = [o for o in [*overrides.hydra, *overrides.task] if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    return " ".join(["nanogpt-train", "--multirun", *map(shlex.quote, kept), f"hydra.sweep.dir={shlex.quote(str(sweep_dir))}"])
+
+
 def _json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -188,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     if common:
         print(f"\nevery run: {' '.join(common)}")
     print(f"\n{len(rows)} runs; written: {args.sweep_dir / 'report.md'}, report.csv, report.png")
+    unfinished = [row["job"] for row in rows if row["status"] != "done"]
+    command = resume_command(args.sweep_dir) if unfinished else None
+    if command:
+        print(f"not done: {', '.join(unfinished)}; to finish the sweep: {command}")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,21 @@ def in_job_order(jobs: list[SweepJob], launched: Sequence[JobReturn]) -> list[Jo
     return [skipped(job) if job.finished else next(launched) for job in jobs]
 
 
+def check_all_finished(sweep_dir: Path, outcomes: list[tuple[SweepJob, BaseException | None, Path]]) -> None:
+    """After every job of the sweep ended: one line on the jobs that failed, and how to finish."""
+    from nanogpt.config import UserError
+    from nanogpt.report import resume_command
+
+    failed = [(job, log_file) for job, error, log_file in outcomes if error is not None]
+    if not failed:
+        return
+    names = "; ".join(f"job {job.num} ({' '.join(filter_overrides(job.overrides))}), its log: {log_file}"
+                      for job, log_file in failed)
+    command = resume_command(sweep_dir)
+    raise UserError(f"{len(failed)} of {len(outcomes)} jobs failed: {names}; the others finished"
+                    + (f"; to finish the sweep: {command} (it skips the jobs that finished)" if command else ""))
+
+
 def register_resolvers() -> None:
     """The resolver conf/launcher/*.yaml derive the GPUs of a job with."""
     if not OmegaConf.has_resolver("gpus_per_node"):

@@ -68,6 +68,10 @@ def test_a_half_finished_sweep_is_reported_with_the_jobs_not_done_last(sweep, tm
     assert len(rows) == 5
     assert rows[-1].startswith("| 4 | optim.lr=0.01 seed=1 | not started |")
     assert " - | - |" in rows[-2]  # job 1 has no losses yet
+    # and how to finish it: the sweep's own command (from multirun.yaml), pinned to its dir
+    hint = result.stdout.strip().splitlines()[-1]
+    assert hint.startswith("not done: 4; to finish the sweep: nanogpt-train --multirun ")
+    assert "optim.lr=1e-3,3e-3 seed=1,2" in hint and hint.endswith(f"hydra.sweep.dir={partial}")
 
 
 def test_a_one_parameter_sweep_plots_the_loss_against_it():

@@ -90,7 +90,8 @@ def test_a_preempted_job_is_requeued_resumes_and_ends_as_if_uninterrupted(slurm_
     """Two identical jobs in one array; job 0 gets SLURM's preemption signal (scancel --signal=USR2,
     what SLURM sends with --signal ahead of preemption or the time limit) mid-run."""
     require_shakespeare()
-    sweep = start_sweep(tmp_path, "seed=7,7", "max_iters=2500", "eval_interval=250", *TINY, *data_args(tmp_path))
+    sweep = start_sweep(tmp_path, "seed=7,7", "max_iters=1500", "eval_interval=250", "logger=wandb",
+                        "logger.mode=offline", *TINY, *data_args(tmp_path))
     checkpoint = wait_for("job 0's first checkpoint",
                           lambda: next(iter(tmp_path.glob("multirun/*/*/0/checkpoints/step-00000250.pt")), None), sweep)
     run_dir = checkpoint.parents[1]
@@ -104,6 +105,9 @@ def test_a_preempted_job_is_requeued_resumes_and_ends_as_if_uninterrupted(slurm_
     assert "SIGUSR2 received" in (run_dir / "train.log").read_text()
     assert_same_weights(run_dir, run_dir.parent / "1")
     assert val_losses(run_dir) == val_losses(run_dir.parent / "1")
+    # the requeued job logged to the same wandb run as its first start
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in offline_runs}) == 1
 
 
 def test_a_two_task_job_trains_with_ddp_over_gloo_in_one_run_dir(slurm_cluster, tmp_path):

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, TINY, compose, require_shakespeare, run_cli
+from conftest import REPO, SHAKESPEARE, TINY, compose, require_shakespeare, run_cli
 
 
 def sweep_dir_of(cwd: Path) -> Path:
@@ -44,6 +46,13 @@ def val_losses(run_dir: Path) -> list[float]:
 
 def data_args(cwd: Path) -> list[str]:
     return [f"data.source={SHAKESPEARE}", f"data.dir={cwd / 'data'}"]
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """nanogpt-train ARGS in the background, from cwd, as a user would run it."""
+    return subprocess.Popen([sys.executable, "-m", "nanogpt.train", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,20 +91,21 @@ def test_a_submitit_local_sweep_matches_the_basic_launchers_and_the_report_agree
 @pytest.mark.slow
 def test_a_job_that_reaches_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     """submitit_local with a 1-minute limit and the save signal 52 s early: the job is signalled
-    8 s after each start, saves at the next step boundary, is requeued by submitit, and resumes."""
+    8 s after each start, saves at the next step boundary, is requeued by submitit, and resumes.
+    Its twin without the limit runs beside it."""
     require_shakespeare()
     job = ["--multirun", "launcher=submitit_local", "seed=7", "max_iters=2500", "eval_interval=250",
            "hydra.launcher.max_num_timeout=8", *TINY]
-    reference_cwd, cwd = tmp_path / "reference", tmp_path / "limited"
-    for where in (reference_cwd, cwd):
-        where.mkdir()
-    reference = run_cli("nanogpt.train", *job, *data_args(reference_cwd), cwd=reference_cwd)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    limited = run_cli("nanogpt.train", *job, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=52",
-                      *data_args(cwd), cwd=cwd)
-    assert limited.returncode == 0, limited.stderr[-3000:]
+    limits = {"reference": [], "limited": ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=52"]}
+    processes = {}
+    for name, limit in limits.items():
+        (tmp_path / name).mkdir()
+        processes[name] = start(tmp_path / name, *job, *limit, *data_args(tmp_path / name))
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
 
-    run_dir, reference_dir = sweep_dir_of(cwd) / "0", sweep_dir_of(reference_cwd) / "0"
+    run_dir, reference_dir = sweep_dir_of(tmp_path / "limited") / "0", sweep_dir_of(tmp_path / "reference") / "0"
     record = provenance(run_dir)
     assert record["status"] == "done" and len(record["resumes"]) >= 1  # at least one restart
     assert all(r["from_step"] > 0 for r in record["resumes"])  # each from a checkpoint, not from scratch
@@ -107,37 +117,36 @@ def test_a_job_that_reaches_its_time_limit_is_requeued_and_ends_as_if_uninterrup
 
 @pytest.mark.slow
 def test_rerunning_a_sweep_with_a_killed_job_completes_only_that_job(tmp_path):
+    """Job 1 is killed (SIGKILL, as the OOM killer would) while job 0 finishes; the same command
+    with hydra.sweep.dir then runs job 1 alone, from its checkpoint."""
     require_shakespeare()
-    sweep = ["--multirun", "launcher=submitit_local", "optim.lr=1e-3,2e-3,3e-3", "max_iters=1500",
-             "eval_interval=100", *TINY, *data_args(tmp_path)]
-    import subprocess
-    import sys
-
-    process = subprocess.Popen([sys.executable, "-m", "nanogpt.train", *sweep], cwd=tmp_path,
-                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = ["--multirun", "launcher=submitit_local", "max_iters=400,1200", "eval_interval=100", *TINY,
+             *data_args(tmp_path)]
+    process = start(tmp_path, *sweep)
     deadline = time.monotonic() + 120
     victim = None
     while time.monotonic() < deadline and victim is None:
         found = list((tmp_path / "multirun").glob("*/*/1/checkpoints/step-00000200.pt"))
         if found:
             victim = found[0].parents[1]
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert victim is not None, "job 1 saved no checkpoint in 120 s"
-    os.kill(provenance(victim)["pid"], signal.SIGKILL)  # the job's own process, as an OOM kill would
+    os.kill(provenance(victim)["pid"], signal.SIGKILL)  # the job's own process
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode != 0  # the sweep reports the job that failed
     sweep_dir = victim.parent
-    assert (sweep_dir / "0" / "DONE").is_file() and (sweep_dir / "2" / "DONE").is_file()
-    assert not (victim / "DONE").exists()
-    finished = {job: (sweep_dir / job / "metrics.jsonl").read_bytes() for job in ("0", "2")}
+    assert process.returncode == 2  # the sweep waited for the other job, then named the one that failed
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: 1 of 2 jobs failed: job 1 (launcher=submitit_local max_iters=1200"), line
+    assert f"to finish the sweep: nanogpt-train --multirun launcher=submitit_local max_iters=400,1200" in line
+    assert f"hydra.sweep.dir={sweep_dir.relative_to(tmp_path)} (it skips the jobs that finished)" in line
+    assert (sweep_dir / "0" / "DONE").is_file() and not (victim / "DONE").exists()
+    finished = (sweep_dir / "0" / "metrics.jsonl").read_bytes()
 
     again = run_cli("nanogpt.train", *sweep, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "(1 of 3 jobs to run)" in again.stdout + again.stderr
-    for job, metrics in finished.items():  # the finished jobs were not run again
-        assert (sweep_dir / job / "metrics.jsonl").read_bytes() == metrics
-        assert "resumes" not in provenance(sweep_dir / job)
+    assert "(1 of 2 jobs to run)" in again.stdout + again.stderr
+    assert (sweep_dir / "0" / "metrics.jsonl").read_bytes() == finished  # the finished job was not run again
+    assert "resumes" not in provenance(sweep_dir / "0")
     record = provenance(victim)
     assert record["status"] == "done" and len(record["resumes"]) == 1
     assert record["resumes"][0]["from_step"] >= 200  # continued from its checkpoint
@@ -236,3 +245,43 @@ def test_a_sweep_dir_is_not_reused_for_other_values(tmp_path):
     assert line.startswith("error: job 0 (optim.lr=0.005") and "optim.lr=0.001" in line and "new sweep" in line
     after = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file() and p.name != "multirun.yaml"}
     assert after == {p: t for p, t in before.items() if p.name != "multirun.yaml"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep presets
+
+
+def preset_jobs(preset: str, extra: list[str]) -> list[list[str]]:
+    """The jobs Hydra's sweeper makes of a sweep preset, as override lists."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose("train", [f"sweep={preset}", *extra], hydra=True)
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    return batch
+
+
+@pytest.mark.parametrize("preset, extra, expected", [
+    ("lr_grid", [], [f"optim.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")]),
+    ("seeds", [], [f"seed={s}" for s in range(1, 6)]),
+    ("model_ladder", ["experiment=gpt2_124m"], [f"model={m}" for m in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")]),
+])
+def test_each_sweep_preset_makes_valid_jobs(preset, extra, expected):
+    from nanogpt.preflight import to_train_config
+
+    jobs = preset_jobs(preset, extra)
+    assert [" ".join(job) for job in jobs] == expected
+    for job in jobs:  # every job composes and passes the checks a run makes before it starts
+        to_train_config(compose("train", [f"sweep={preset}", *extra, *job]))
+
+
+@pytest.mark.slow
+def test_a_sweep_preset_runs_its_jobs(tmp_path):
+    require_shakespeare()
+    result = run_cli("nanogpt.train", "--multirun", "sweep=seeds", "max_iters=2", "eval_interval=2", *TINY,
+                     *data_args(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    seeds = [provenance(sweep_dir / str(job))["seed"] for job in range(5)]
+    assert seeds == [1, 2, 3, 4, 5]

@@ -89,6 +89,9 @@ class _Submitit(BaseSubmititLauncher):
         state = Singleton.get_state()
         params = [(job.overrides, "hydra.sweep.dir", job.num, f"job_id_for_{job.num}", state, job.config) for job in todo]
         submitted = self.executor().map_array(self, *zip(*params))
+        for job in submitted:  # all of them, even after one failed: the jobs of a sweep are independent
+            job.wait()
+        sweep.check_all_finished(sweep_dir, [(job, j.exception(), j.paths.stderr) for job, j in zip(todo, submitted)])
         return sweep.in_job_order(jobs, [j.results()[0] for j in submitted])
 
     def _check_resources(self, jobs: List[sweep.SweepJob]) -> None:
