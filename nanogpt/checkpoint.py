@@ -25,6 +25,7 @@ mid-save leaves the previous files intact.
 from __future__ import annotations
 
 import dataclasses
+from enum import Enum
 import errno
 import hashlib
 import json
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from nanogpt.config import Activation, ModelConfig, UserError
+from nanogpt.config import ModelConfig, UserError
 
 FORMAT = "nanogpt-checkpoint"
 VERSION = 1
@@ -50,9 +51,8 @@ log = logging.getLogger("nanogpt")
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:
-    d = dataclasses.asdict(config)
-    d["activation"] = Activation(d["activation"]).value
-    return d
+    """Plain values only (enums as their names): checkpoints load with weights_only=True."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in dataclasses.asdict(config).items()}
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -27,6 +27,17 @@ class ConfigError(UserError):
 class Activation(str, Enum):
     gelu = "gelu"  # exact (erf) GELU, as nanoGPT's nn.GELU()
     gelu_tanh = "gelu_tanh"  # tanh approximation, as OpenAI's GPT-2 and HF's "gelu_new"
+    relu2 = "relu2"  # ReLU squared (So et al., Primer, 2021), as the NanoGPT speedrun
+
+
+class Position(str, Enum):
+    learned = "learned"  # a learned table of absolute positions, added to the token embedding (GPT-2)
+    rotary = "rotary"  # rotary embeddings (Su et al., RoFormer, 2021) on queries and keys; no table
+
+
+class Norm(str, Enum):
+    layernorm = "layernorm"  # LayerNorm: centre and scale, with a gain (and a bias if model.bias)
+    rmsnorm = "rmsnorm"  # RMSNorm: scale only, with a gain
 
 
 class DataFormat(str, Enum):
@@ -73,6 +84,13 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     activation: Activation = Activation.gelu
+    # modern switches; each default is nanoGPT's behaviour
+    position: Position = Position.learned
+    norm: Norm = Norm.layernorm
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    zero_init_proj: bool = False  # blocks' output projections (and an untied head) start at zero
+    logit_softcap: Optional[float] = None  # logits become cap * tanh(logits / cap); None: off
 
 
 @dataclass
@@ -171,6 +189,7 @@ class SampleConfig:
     temperature: float = 0.8  # < 1 sharper, > 1 more random
     top_k: Optional[int] = 200  # keep only the k likeliest tokens; None: all
     seed: int = 1337
+    kv_cache: bool = True  # keep keys and values between tokens; false: recompute the context each token
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
@@ -209,6 +228,13 @@ def check_model_config(m: ModelConfig, where: str = "model") -> None:
         raise ConfigError(f"{where}.vocab_size={m.vocab_size} must be positive, or null to take the data's")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"{where}.dropout={m.dropout} must be in [0, 1)")
+    if Position(m.position) == Position.rotary and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(
+            f"{where}.position=rotary rotates pairs of channels, and the head size {where}.n_embd / n_head = "
+            f"{m.n_embd // m.n_head} is odd: pick an even head size, or {where}.position=learned"
+        )
+    if m.logit_softcap is not None and m.logit_softcap <= 0:
+        raise ConfigError(f"{where}.logit_softcap={m.logit_softcap} must be positive (e.g. 15 or 30), or null for none")
 
 
 def check_train_config(c: TrainConfig) -> None:

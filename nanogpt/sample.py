@@ -86,7 +86,8 @@ def sample(cfg: SampleConfig) -> list[str]:
     samples = []
     with torch.no_grad(), hw.autocast():
         for _ in range(cfg.num_samples):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator,
+                               use_cache=cfg.kv_cache)
             samples.append(tokenizer.decode(y[0].tolist()))
     return samples
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -166,15 +167,21 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
     return Pretrained(config, state_dict, gpt2_meta(), source)
 
 
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation")
+# what the weights fix: a model built with other values would not load them, or not compute what they learned
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation", "position", "norm", "qk_norm",
+                "tie_embeddings")
+
+
+def _plain(value):
+    return value.value if isinstance(value, Enum) else value
 
 
 def check_matches(configured: ModelConfig, loaded: ModelConfig, init_from: str) -> None:
     """The model group must describe the weights being loaded; say which overrides would fix it."""
     wrong = [
-        f"model.{k}={getattr(loaded, k).value if isinstance(getattr(loaded, k), Activation) else getattr(loaded, k)}"
+        f"model.{k}={_plain(getattr(loaded, k))}"
         for k in SHAPE_FIELDS
-        if getattr(configured, k) is not None and getattr(configured, k) != getattr(loaded, k)
+        if getattr(configured, k) is not None and _plain(getattr(configured, k)) != _plain(getattr(loaded, k))
     ]
     if wrong:
         raise UserError(

@@ -110,7 +110,7 @@ def test_sample_from_a_run_dir_is_seeded(char_run):
     assert first.returncode == 0, first.stderr
     samples = first.stdout.split("---------------\n")
     assert len([s for s in samples if s.strip()]) == 2 and all(s.startswith("ROMEO:") for s in samples if s.strip())
-    assert run_cli("nanogpt.sample", *args, cwd=cwd).stdout == first.stdout
+    assert run_cli("nanogpt.sample", *args, "kv_cache=false", cwd=cwd).stdout == first.stdout  # same tokens, slower
     assert run_cli("nanogpt.sample", *args, "seed=2", cwd=cwd).stdout != first.stdout
     assert sorted(p.name for p in cwd.iterdir()) == ["data", "outputs"]  # sampling wrote nothing
 
