@@ -48,6 +48,7 @@ class DataFormat(str, Enum):
 class Schedule(str, Enum):
     cosine = "cosine"  # linear warmup, cosine decay to min_lr, then min_lr
     constant = "constant"  # linear warmup, then lr
+    wsd = "wsd"  # warmup-stable-decay: linear warmup, lr, then a linear cooldown to min_lr at the end
 
 
 class Device(str, Enum):
@@ -107,9 +108,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 6e-4  # peak learning rate
-    min_lr: float = 6e-5  # floor of the cosine decay
+    name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for the rest)
+    lr: float = 6e-4  # peak learning rate (AdamW's; under muon, of the parameters AdamW updates)
+    min_lr: float = 6e-5  # floor of the decay (every group's lr decays by the same factor)
     weight_decay: float = 0.1  # on 2-D weights only (matmuls, embeddings); never on biases and norms
     beta1: float = 0.9
     beta2: float = 0.95
@@ -117,8 +118,16 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     schedule: Schedule = Schedule.cosine
     warmup_iters: int = 2000
-    decay_iters: int = II("max_iters")  # step at which the cosine reaches min_lr
+    decay_iters: int = II("max_iters")  # step at which the decay reaches min_lr
+    cooldown_fraction: float = 0.2  # wsd: the last fraction of decay_iters, over which lr falls to min_lr
     fused: Optional[bool] = None  # None: the fused AdamW kernel wherever the device supports it
+    # name=muon: the hidden (2-D, inside the blocks) matrices' optimizer, and AdamW's lr per role
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    embed_lr: Optional[float] = None  # token (and position) embeddings; None: lr
+    head_lr: Optional[float] = None  # an untied output head; None: lr
+    scalar_lr: Optional[float] = None  # norm gains and biases; None: lr
 
 
 @dataclass
@@ -263,12 +272,18 @@ def check_train_config(c: TrainConfig) -> None:
     if c.max_iters < 0:
         raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
     o = c.optim
-    if o.name != "adamw":
-        raise ConfigError(f"optim.name={o.name!r} is not known: use adamw")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive")
-    if o.schedule == Schedule.cosine and not 0 <= o.min_lr <= o.lr:
-        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr} (the cosine decays to it)")
+    if o.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name={o.name!r} is not known: use adamw or muon (optim=adamw, optim=muon)")
+    for key in ("lr", "muon_lr", "embed_lr", "head_lr", "scalar_lr"):
+        if getattr(o, key) is not None and getattr(o, key) <= 0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be positive")
+    if o.schedule != Schedule.constant and not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr} (the schedule decays to it)")
+    if o.name == "muon" and c.hardware.fsdp:
+        raise ConfigError("optim=muon orthogonalises whole matrices and hardware.fsdp=true shards them across "
+                          "processes: use DDP (hardware.fsdp=false) with Muon, or optim=adamw with FSDP2")
+    if not 0 < o.cooldown_fraction <= 1:
+        raise ConfigError(f"optim.cooldown_fraction={o.cooldown_fraction} must be in (0, 1], e.g. 0.2")
     if o.warmup_iters < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
     for key in ("beta1", "beta2"):

@@ -1,4 +1,14 @@
-"""The optimizer and the learning-rate schedule, built from the optim group."""
+"""The optimizer and the learning-rate schedule, built from the optim group.
+
+optim.name=adamw is nanoGPT's AdamW. optim.name=muon is the NanoGPT speedrun's split: Muon
+(torch.optim.Muon: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
+2-D matrices inside the blocks, and AdamW for what Muon is not meant for, the embeddings, the
+output head, norm gains and biases, each with its own learning rate. The two live in one
+torch.optim.Optimizer, so checkpoints, gradient scaling and FSDP see one optimizer.
+
+Every param group carries `lr_scale`, its lr relative to optim.lr: the schedule moves all of them
+by the same factor.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +20,95 @@ from nanogpt.config import OptimConfig, Schedule
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW with nanoGPT's two groups: weight decay on every parameter of 2 or more dimensions
-    (matmul weights, embeddings), none on 1-D ones (biases, LayerNorm gains), which only shift or
-    scale and gain nothing from being pulled to zero."""
+    fused = device_type == "cuda" if cfg.fused is None else cfg.fused  # the fused kernel is CUDA-only
+    adamw_options = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **({"fused": True} if fused else {}))
+    if cfg.name == "muon":
+        return MuonWithAdamW(model, cfg, adamw_options)
+    # nanoGPT's two groups: weight decay on every parameter of 2 or more dimensions (matmul weights,
+    # embeddings), none on 1-D ones (biases, LayerNorm gains), which only shift or scale and gain
+    # nothing from being pulled to zero.
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    fused = device_type == "cuda" if cfg.fused is None else cfg.fused  # the fused kernel is CUDA-only
-    extra = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **adamw_options)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the blocks' matrices, AdamW for the rest: one optimizer whose param groups are the
+    two inner optimizers' own (the same dicts) and whose state they share, so state_dict() and
+    load_state_dict() cover both."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, adamw_options: dict):
+        matrices, embeddings, head, scalars = [], [], [], []
+        for name, p in model.named_parameters():  # a tied head is the token embedding: listed once
+            if not p.requires_grad:
+                continue
+            if p.dim() < 2:
+                scalars.append(p)
+            elif name.startswith("lm_head."):
+                head.append(p)
+            elif ".wte." in f".{name}" or ".wpe." in f".{name}":
+                embeddings.append(p)
+            else:
+                matrices.append(p)
+
+        def scale(lr):
+            return (cfg.lr if lr is None else lr) / cfg.lr
+
+        adamw_groups = [
+            {"params": embeddings, "weight_decay": cfg.weight_decay, "lr_scale": scale(cfg.embed_lr)},
+            {"params": head, "weight_decay": cfg.weight_decay, "lr_scale": scale(cfg.head_lr)},
+            {"params": scalars, "weight_decay": 0.0, "lr_scale": scale(cfg.scalar_lr)},
+        ]
+        muon_groups = [{"params": matrices, "weight_decay": cfg.muon_weight_decay, "lr_scale": scale(cfg.muon_lr)}]
+        adamw_groups = [g for g in adamw_groups if g["params"]]
+        for group in adamw_groups + muon_groups:
+            group["lr"] = cfg.lr * group["lr_scale"]
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, **adamw_options)
+        self.muon = torch.optim.Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+        super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
+        self._share_state()
+
+    def _share_state(self) -> None:
+        n = len(self.adamw.param_groups)
+        self.adamw.param_groups, self.muon.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.adamw.state = self.muon.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces the group dicts and the state: share them again
+        self._share_state()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        self.adamw.step()
+        self.muon.step()
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig) -> float:
+    """Set every group's lr for this step; returns optim.lr's value (the one logged)."""
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup over warmup_iters, then constant or cosine decay to min_lr at decay_iters."""
+    """Linear warmup over warmup_iters, then constant, cosine decay to min_lr at decay_iters, or
+    warmup-stable-decay: lr until the last cooldown_fraction of decay_iters, then linear to min_lr."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.schedule == Schedule.constant:
         return cfg.lr
     if step > cfg.decay_iters:
         return cfg.min_lr
+    if cfg.schedule == Schedule.wsd:
+        cooldown_start = cfg.decay_iters * (1 - cfg.cooldown_fraction)
+        if step < cooldown_start:
+            return cfg.lr
+        progress = (step - cooldown_start) / max(1e-9, cfg.decay_iters - cooldown_start)
+        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

@@ -274,7 +274,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics, NoMetrics
-    from nanogpt.optim import learning_rate
+    from nanogpt.optim import set_learning_rate
 
     accum = check_world_size(config, env.world_size)
     global_batch = config.batch_size * env.world_size * accum
@@ -390,9 +390,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
                     log.info(f"stopped by {stopped_by.name} after step {step}{where}")
                     break
 
-                lr = learning_rate(step, optim_cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_learning_rate(optimizer, step, optim_cfg)
                 try:
                     result = optimizer_step(t, train_batches, batch, accum, grad_clip, on_nonfinite, stop.signal is not None)
                 except NonFiniteStep as e:

@@ -78,7 +78,7 @@ def train_in_process(run_dir, data_dir, overrides: list[str], resume: bool = Fal
     return train(config, run_dir, check_data_and_vocab(config), OmegaConf.to_container(cfg, resolve=True), resume_from)
 
 
-@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("switch", SWITCHES + ["optim=muon", "optim.schedule=wsd"])
 def test_each_switch_trains_checkpoints_and_resumes_exactly(tmp_path, data_dir, switch):
     straight = train_in_process(tmp_path / "straight", data_dir, [switch, "max_iters=6"])
     train_in_process(tmp_path / "stopped", data_dir, [switch, "max_iters=3", "optim.decay_iters=6"])
@@ -87,8 +87,12 @@ def test_each_switch_trains_checkpoints_and_resumes_exactly(tmp_path, data_dir, 
     assert resumed["step"] == straight["step"] == 6
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
-    key, value = switch.removeprefix("model.").split("=")
-    assert str(a["model_config"][key]).lower() == value  # the switch is on, and recorded in the checkpoint
+    if switch.startswith("model."):
+        key, value = switch.removeprefix("model.").split("=")
+        assert str(a["model_config"][key]).lower() == value  # the switch is on, and recorded in the checkpoint
+    if switch == "optim=muon":  # both optimizers' state went through the checkpoint
+        state = b["optimizer"]["state"]
+        assert any("momentum_buffer" in s for s in state.values()) and any("exp_avg" in s for s in state.values())
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -167,3 +171,46 @@ def test_weights_are_loaded_only_into_the_architecture_they_were_trained_with():
                                  ("tie_embeddings", False, "model.tie_embeddings=True"), ("qk_norm", True, "model.qk_norm=False")]:
         with pytest.raises(UserError, match=expected):
             weights.check_matches(ModelConfig(**{**TINY_MODEL, key: value}), trained, "a run dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers and schedules
+
+
+def test_muon_updates_the_blocks_matrices_and_adamw_the_rest_each_with_its_lr():
+    from nanogpt.config import OptimConfig
+    from nanogpt.optim import set_learning_rate
+
+    model = GPT(ModelConfig(**{**TINY_MODEL, "tie_embeddings": False}))
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, embed_lr=0.1, head_lr=0.004, scalar_lr=None,
+                      schedule="constant", warmup_iters=0)
+    optimizer = build_optimizer(model, cfg, "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    assert muon == {n for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n}
+    set_learning_rate(optimizer, 0, cfg)
+    lrs = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs["transformer.wte.weight"] == lrs["transformer.wpe.weight"] == pytest.approx(0.1)
+    assert lrs["lm_head.weight"] == pytest.approx(0.004)
+    assert lrs["transformer.ln_f.weight"] == pytest.approx(1e-3)
+    assert lrs["transformer.h.0.attn.c_attn.weight"] == pytest.approx(0.02)
+    assert len(lrs) == len(list(model.parameters()))  # every parameter, once
+
+
+def test_warmup_stable_decay_schedule():
+    from nanogpt.config import OptimConfig
+    from nanogpt.optim import learning_rate
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, schedule="wsd", warmup_iters=10, decay_iters=100, cooldown_fraction=0.2)
+    assert learning_rate(0, cfg) == pytest.approx(1 / 11)  # warmup
+    assert learning_rate(10, cfg) == learning_rate(79, cfg) == 1.0  # stable
+    assert learning_rate(90, cfg) == pytest.approx(0.55)  # halfway down the cooldown
+    assert learning_rate(100, cfg) == pytest.approx(0.1) and learning_rate(150, cfg) == 0.1
+
+
+def test_muon_with_fsdp_is_refused():
+    from nanogpt.config import ConfigError
+    from nanogpt.preflight import to_train_config
+
+    with pytest.raises(ConfigError, match="optim=muon orthogonalises whole matrices"):
+        to_train_config(compose("train", ["optim=muon", "hardware=fsdp"]))
