@@ -50,6 +50,15 @@ def check_hardware(config: TrainConfig) -> None:
     hardware.resolve(config.hardware)
 
 
+def check_optimizer(config: TrainConfig) -> None:
+    """optim=muon needs torch.optim.Muon, which PyTorch has had since 2.9."""
+    import torch
+
+    if config.optim.name == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optim=muon needs PyTorch >= 2.9 (torch.optim.Muon), and this is {torch.__version__}: "
+                          f"upgrade torch, or use optim=adamw")
+
+
 def check_data_and_vocab(config: TrainConfig) -> dict:
     """Prepare the dataset if it is missing (the data cache, not the run dir), then check that the
     model's vocabulary covers it and the training context fits in it. Returns the data's meta."""
@@ -142,6 +151,7 @@ class Preflight(Callback):
             check_world_size(train_config, planned_world_size(train_config.hardware))
             check_init_from(train_config)
             check_hardware(train_config)
+            check_optimizer(train_config)
             if self.check_data:
                 check_data_and_vocab(train_config)
 

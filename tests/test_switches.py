@@ -231,3 +231,12 @@ def test_an_ablation_of_three_switches_runs_through_the_sweep_and_its_report(tmp
     assert len(rows) == 8 and all("| done |" in row for row in rows)
     combinations = {tuple(sorted(c.strip() for c in row.split("|")[2].split())) for row in rows}
     assert len(combinations) == 8  # every combination of the three switches, one row each
+
+
+def test_muon_on_a_torch_without_it_is_named_before_the_run(monkeypatch):
+    from nanogpt.config import ConfigError
+    from nanogpt.preflight import check_optimizer, to_train_config
+
+    monkeypatch.delattr(torch.optim, "Muon")  # what PyTorch before 2.9 lacks
+    with pytest.raises(ConfigError, match=r"optim=muon needs PyTorch >= 2\.9"):
+        check_optimizer(to_train_config(compose("train", ["optim=muon"])))
