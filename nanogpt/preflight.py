@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.cli import to_object, user_errors
 from nanogpt.config import ConfigError, TrainConfig, UserError, check_train_config, check_world_size
@@ -101,8 +101,6 @@ def share_the_plan(cfg: DictConfig, env) -> None:
     run's store; the other ranks adopt it, write no snapshot, and log to train.rankN.log."""
     import json
 
-    from omegaconf import open_dict, read_write
-
     from nanogpt.distributed import shared_store
     from nanogpt.resume import plan_run, replace_task_config
 
@@ -123,9 +121,19 @@ def share_the_plan(cfg: DictConfig, env) -> None:
     replace_task_config(cfg, OmegaConf.create(plan["config"]), "rank 0")
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.run.dir = plan["run_dir"]
-        cfg.hydra.output_subdir = None  # rank 0 writes the snapshot
-        cfg.hydra.job_logging.handlers.file.filename = str(Path(plan["run_dir"]) / f"train.rank{env.rank}.log")
-        cfg.hydra.job_logging.handlers.console.level = "WARNING"  # rank 0 prints the progress
+    quiet_secondary_rank(cfg, env.rank)
+
+
+def quiet_secondary_rank(config: DictConfig, rank: int) -> None:
+    """Rank 0 writes the run's snapshot and train.log and prints the progress; another rank of the
+    same run (under torchrun, srun or a multi-task submitit job) writes no snapshot, logs to
+    train.rankN.log and prints warnings only."""
+    if rank == 0:
+        return
+    with read_write(config), open_dict(config):
+        config.hydra.output_subdir = None
+        config.hydra.job_logging.handlers.file.filename = f"${{hydra.runtime.output_dir}}/train.rank{rank}.log"
+        config.hydra.job_logging.handlers.console.level = "WARNING"
 
 
 class Preflight(Callback):

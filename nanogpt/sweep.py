@@ -10,7 +10,7 @@ launchers (hydra-submitit-launcher), each with what a research sweep needs on to
   skipped; the others continue from their checkpoints (resume=auto). Re-running the command with
   hydra.sweep.dir=<the sweep's dir> therefore finishes a sweep that was cut short.
 - Each task of a multi-task SLURM job (one per process of a DDP run) runs the job; only rank 0
-  writes the snapshot and train.log, as under torchrun.
+  writes the snapshot and train.log, as under torchrun (preflight.quiet_secondary_rank).
 
 The launcher classes live in hydra_plugins/nanogpt_launchers/ (Hydra loads launchers only from
 the hydra_plugins package); conf/launcher/ holds the presets that select them. Requeue after preemption is
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt.config import ConfigError
 
@@ -106,17 +106,6 @@ def skipped(job: SweepJob) -> JobReturn:
     ret = JobReturn(overrides=job.overrides, cfg=job.config, working_dir=str(job.run_dir), status=JobStatus.COMPLETED)
     ret.return_value = None
     return ret
-
-
-def quiet_secondary_rank(config: DictConfig, rank: int) -> None:
-    """Rank 0 writes the run's snapshot and train.log and prints the progress; another rank of the
-    same run writes no snapshot, logs to train.rankN.log and prints warnings only."""
-    if rank == 0:
-        return
-    with read_write(config), open_dict(config):
-        config.hydra.output_subdir = None
-        config.hydra.job_logging.handlers.file.filename = f"${{hydra.runtime.output_dir}}/train.rank{rank}.log"
-        config.hydra.job_logging.handlers.console.level = "WARNING"
 
 
 def in_job_order(jobs: list[SweepJob], launched: Sequence[JobReturn]) -> list[JobReturn]:

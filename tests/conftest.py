@@ -57,6 +57,13 @@ def compose(config_name: str = "train", overrides: list[str] | None = None, hydr
         return hydra_compose(config_name, overrides=overrides or [], return_hydra_config=hydra)
 
 
+def report_rows(stdout: str) -> list[list[str]]:
+    """The rows of the Markdown table nanogpt-report prints, each as its stripped cells (job,
+    overrides, status, best_val_loss, final_val_loss, ...)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600):
     """Run an entrypoint as a user would (python -m nanogpt.X ...), from cwd."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -4,31 +4,23 @@ with the signal SLURM sends, DDP over two tasks, and a config edited while jobs 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHAKESPEARE, TINY, require_shakespeare, run_cli
-from test_sweeps import assert_same_weights, provenance, sweep_dir_of, val_losses
+from conftest import TINY, report_rows, require_shakespeare, run_cli
+from test_sweeps import assert_same_weights, data_args, provenance, start, sweep_dir_of, val_losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def data_args(cwd: Path) -> list[str]:
-    return [f"data.source={SHAKESPEARE}", f"data.dir={cwd / 'data'}"]
-
-
 def start_sweep(cwd: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.Popen:
     """nanogpt-train --multirun ... in the background: it waits for its jobs as a user's would."""
-    return subprocess.Popen([sys.executable, "-m", "nanogpt.train", *flags, "--multirun", "launcher=slurm", *overrides],
-                            cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start(cwd, *flags, "--multirun", "launcher=slurm", *overrides)
 
 
 def wait_for(what: str, condition, sweep: subprocess.Popen, timeout: float = 120):
@@ -76,10 +68,9 @@ def test_a_sweep_runs_as_a_slurm_array_and_the_report_agrees(slurm_cluster, tmp_
     assert len({p.name.split("_")[0] for p in task_folders(sweep_dir)}) == 1  # one array
     report = run_cli("nanogpt.report", str(sweep_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    rows = report_rows(report.stdout)
     assert len(rows) == 4
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
+    for cells in rows:
         job = sweep_dir / cells[0]
         assert cells[2] == "done" and (job / "DONE").is_file()
         assert float(cells[4]) == pytest.approx(val_losses(job)[-1], abs=1e-4)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, TINY, compose, require_shakespeare, run_cli
+from conftest import REPO, SHAKESPEARE, TINY, compose, report_rows, require_shakespeare, run_cli
 
 
 def sweep_dir_of(cwd: Path) -> Path:
@@ -79,10 +79,9 @@ def test_a_submitit_local_sweep_matches_the_basic_launchers_and_the_report_agree
 
     report = run_cli("nanogpt.report", str(local), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    rows = report_rows(report.stdout)
     assert len(rows) == 4
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
+    for cells in rows:
         job, status, final = cells[0], cells[2], float(cells[4])
         assert status == "done" and final == pytest.approx(val_losses(local / job)[-1], abs=1e-4)
     assert (local / "report.png").stat().st_size > 0
@@ -137,7 +136,7 @@ def test_rerunning_a_sweep_with_a_killed_job_completes_only_that_job(tmp_path):
     assert process.returncode == 2  # the sweep waited for the other job, then named the one that failed
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: 1 of 2 jobs failed: job 1 (launcher=submitit_local max_iters=1200"), line
-    assert f"to finish the sweep: nanogpt-train --multirun launcher=submitit_local max_iters=400,1200" in line
+    assert "to finish the sweep: nanogpt-train --multirun launcher=submitit_local max_iters=400,1200" in line
     assert f"hydra.sweep.dir={sweep_dir.relative_to(tmp_path)} (it skips the jobs that finished)" in line
     assert (sweep_dir / "0" / "DONE").is_file() and not (victim / "DONE").exists()
     finished = (sweep_dir / "0" / "metrics.jsonl").read_bytes()

@@ -218,7 +218,7 @@ def test_muon_with_fsdp_is_refused():
 
 @pytest.mark.slow
 def test_an_ablation_of_three_switches_runs_through_the_sweep_and_its_report(tmp_path):
-    from conftest import SHAKESPEARE, TINY, run_cli
+    from conftest import SHAKESPEARE, TINY, report_rows, run_cli
 
     require_shakespeare()
     result = run_cli("nanogpt.train", "--multirun", "sweep=switches", "max_iters=4", "eval_interval=2", *TINY,
@@ -227,9 +227,9 @@ def test_an_ablation_of_three_switches_runs_through_the_sweep_and_its_report(tmp
     (sweep_dir,) = list((tmp_path / "multirun").glob("*/*"))
     report = run_cli("nanogpt.report", str(sweep_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
-    assert len(rows) == 8 and all("| done |" in row for row in rows)
-    combinations = {tuple(sorted(c.strip() for c in row.split("|")[2].split())) for row in rows}
+    rows = report_rows(report.stdout)
+    assert len(rows) == 8 and all(cells[2] == "done" for cells in rows)
+    combinations = {tuple(sorted(cells[1].split())) for cells in rows}
     assert len(combinations) == 8  # every combination of the three switches, one row each
 
 

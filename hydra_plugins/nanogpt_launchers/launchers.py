@@ -112,6 +112,7 @@ class _Submitit(BaseSubmititLauncher):
         import submitit
 
         from nanogpt.distributed import detect
+        from nanogpt.preflight import quiet_secondary_rank
 
         Singleton.set_state(singleton_state)
         setup_globals()
@@ -119,7 +120,7 @@ class _Submitit(BaseSubmititLauncher):
         with open_dict(config.hydra.job):
             config.hydra.job.id = submitit.JobEnvironment().job_id
             config.hydra.job.num = job_num
-        sweep.quiet_secondary_rank(config, detect().rank)
+        quiet_secondary_rank(config, detect().rank)
         return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                        job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
