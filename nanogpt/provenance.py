@@ -4,8 +4,9 @@ Every run dir gets, besides Hydra's `.hydra/` snapshot:
     config.resolved.yaml  the config exactly as the code uses it (interpolations resolved); a resumed
                           run rewrites it, and records what it changed in provenance.json
     provenance.json       code (git commit, branch, dirty flag, diff), command line, versions, host,
-                          SLURM ids, seed, start/end time and status: running | done | failed |
-                          preempted; each resume appended to `resumes`; a reproduction's source run
+                          machine (CPU, cores, threads, GPUs), SLURM ids, seed, start/end time and
+                          status: running | done | failed | preempted; each resume appended to
+                          `resumes`; a reproduction's source run
     DONE                  written last, only when the run ended well
 
 Environment variables are never recorded: API keys and tokens live there.
@@ -77,6 +78,19 @@ def versions() -> dict:
     return found
 
 
+def machine() -> dict:
+    """What the run ran on, for numbers read next to others: the CPU, its cores, torch's threads, the GPUs."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() often gives only the architecture
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
+
+
 def code_differences(then: dict, now: dict) -> list[str]:
     """How the code now differs from the code a run used (both git_state() dicts)."""
     if not then or not now:
@@ -130,6 +144,7 @@ class RunRecord:
                 "changed": changed,  # config keys this start changed: {key: [before, now]}
                 "world_size": world_size,
                 "versions": versions(),
+                "machine": machine(),
                 "warnings": warnings,
             })
             self.record.update(status="running", end_time=None)
@@ -137,7 +152,7 @@ class RunRecord:
         else:
             warnings = []
             self.record = {"status": "running", **this_start, "end_time": None, "world_size": world_size, "seed": seed,
-                           "versions": versions()}
+                           "versions": versions(), "machine": machine()}
             if reproduced_from is not None:
                 source = _read_json(Path(reproduced_from) / "provenance.json") or {}
                 warnings = code_differences(source.get("git", {}), this_start["git"])
