@@ -125,6 +125,7 @@ class OptimConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per update (fewer: cheaper, less exactly orthogonal)
     embed_lr: Optional[float] = None  # token (and position) embeddings; None: lr
     head_lr: Optional[float] = None  # an untied output head; None: lr
     scalar_lr: Optional[float] = None  # norm gains and biases; None: lr
@@ -282,6 +283,8 @@ def check_train_config(c: TrainConfig) -> None:
     if o.name == "muon" and c.hardware.fsdp:
         raise ConfigError("optim=muon orthogonalises whole matrices and hardware.fsdp=true shards them across "
                           "processes: use DDP (hardware.fsdp=false) with Muon, or optim=adamw with FSDP2")
+    if not 1 <= o.muon_ns_steps < 100:  # torch.optim.Muon refuses 100 or more
+        raise ConfigError(f"optim.muon_ns_steps={o.muon_ns_steps} must be between 1 and 99, e.g. 5")
     if not 0 < o.cooldown_fraction <= 1:
         raise ConfigError(f"optim.cooldown_fraction={o.cooldown_fraction} must be in (0, 1], e.g. 0.2")
     if o.warmup_iters < 0 or o.grad_clip < 0 or o.weight_decay < 0:

@@ -67,7 +67,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for group in adamw_groups + muon_groups:
             group["lr"] = cfg.lr * group["lr_scale"]
         self.adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, **adamw_options)
-        self.muon = torch.optim.Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+        self.muon = torch.optim.Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                    ns_steps=cfg.muon_ns_steps)
         super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
         self._share_state()
 

@@ -54,6 +54,7 @@ CASES = [
     ("heads do not divide the width", ["model.n_head=3"], ["model.n_embd=128 is not divisible by model.n_head=3",
                                                             "model.n_embd=129"]),
     ("negative learning rate", ["optim.lr=-1"], ["optim.lr=-1.0 must be positive"]),
+    ("no Newton-Schulz steps", ["optim=muon", "optim.muon_ns_steps=0"], ["optim.muon_ns_steps=0 must be between 1 and 99"]),
     ("unknown nonfinite policy", ["on_nonfinite=maybe"], ["on_nonfinite", "stop, skip"]),
     ("negative checkpoints kept", ["keep_checkpoints=-1"], ["keep_checkpoints=-1 must be >= 0"]),
     ("a GPU that is not there", ["hardware.device=cuda"], ["no CUDA GPU is visible", "hardware=cpu"]),
