@@ -169,10 +169,15 @@ def shared_store(env: DistEnv):
 
 
 def destroy_process_group() -> None:
+    """Leave the process group, and let go of the store it was built on now, while the interpreter
+    is whole: C++ objects with threads of their own left to interpreter shutdown can abort the
+    process after the run has ended well ("terminate called without an active exception")."""
     import torch.distributed as dist
 
+    global _store
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _store = None
 
 
 SHUTDOWN_TIMEOUT_S = 120  # a stopping worker's time to finish its step and save before it is killed
