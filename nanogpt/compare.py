@@ -76,7 +76,7 @@ def check_experiments(experiments: list[str], overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     from nanogpt.cli import config_dir, one_line, register_configs
-    from nanogpt.preflight import to_train_config
+    from nanogpt.preflight import check_hardware, check_optimizer, to_train_config
 
     if len(experiments) < 2:
         raise UserError(f"give at least two experiments to compare (the first is the baseline), got {experiments}")
@@ -90,7 +90,9 @@ def check_experiments(experiments: list[str], overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for name in experiments:
             try:
-                to_train_config(compose("train", overrides=[f"experiment={name}", *overrides]))
+                config = to_train_config(compose("train", overrides=[f"experiment={name}", *overrides]))
+                check_hardware(config)  # e.g. a GPU recipe on a machine without one
+                check_optimizer(config)
             except Exception as e:  # Hydra's composition errors and our checks, each as one line
                 raise UserError(f"experiment {name}: {one_line(e)}") from e
 

@@ -91,6 +91,7 @@ def test_two_experiments_alternate_and_the_table_and_readme_agree_with_the_runs(
     ([A, B, "--repeats", "0"], "--repeats 0: give 1 or more"),
     ([A, B, "--", "optim.lrr=1"], "experiment shakespeare_char_cpu: Could not override 'optim.lrr'"),
     ([A, B, "--", "experiment=gpt2_124m"], "sets experiment= and hydra.run.dir= itself"),
+    ([A, B, "--", "hardware=gpu"], "experiment shakespeare_char_cpu: "),
     ([A, B, "--readme", "missing.md"], "missing.md does not exist"),
     ([A, B, "--readme", "plain.md"], "needs two marker lines"),
     ([A, B, "--out", "full"], "--out full is not empty"),
