@@ -116,8 +116,9 @@ def train(name: str, repeat: int, out: Path, overrides: list[str]) -> Run:
 def read_run(name: str, repeat: int, run_dir: Path, wall_s: float) -> Run:
     from omegaconf import OmegaConf
 
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [e for e in evals if e.get("kind") == "eval"]
+    from nanogpt.report import read_metrics
+
+    evals, _ = read_metrics(run_dir)
     if not evals:
         raise UserError(f"{run_dir} has no val loss: give its experiment an eval_interval below max_iters")
     config = OmegaConf.load(run_dir / "config.resolved.yaml")

@@ -38,14 +38,7 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
     record = _json(run_dir / "provenance.json") or {}
-    evals, trains = [], []
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            (evals if entry.get("kind") == "eval" else trains).append(entry)
+    evals, trains = read_metrics(run_dir)
     status = record.get("status", "not started")
     if status == "running" and (run_dir / "DONE").exists():
         status = "done"
@@ -63,6 +56,19 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
         "curve": [(e["step"], e["val_loss"]) for e in evals],
         "override_values": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("hydra.", "+", "~"))),
     }
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """A run's metrics.jsonl records: (eval records, train records), in the order written."""
+    evals, trains = [], []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            (evals if entry.get("kind") == "eval" else trains).append(entry)
+    return evals, trains
 
 
 def sort_rows(rows: list[dict], metric: str) -> list[dict]:
