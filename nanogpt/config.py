@@ -92,6 +92,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding's weight
     zero_init_proj: bool = False  # blocks' output projections (and an untied head) start at zero
     logit_softcap: Optional[float] = None  # logits become cap * tanh(logits / cap); None: off
+    attn_scale: Optional[float] = None  # attention logits' scale; None: 1 / sqrt(head size)
+    split_qkv: bool = False  # query, key and value as three matrices, not one (for Muon)
 
 
 @dataclass
@@ -245,6 +247,8 @@ def check_model_config(m: ModelConfig, where: str = "model") -> None:
         )
     if m.logit_softcap is not None and m.logit_softcap <= 0:
         raise ConfigError(f"{where}.logit_softcap={m.logit_softcap} must be positive (e.g. 15 or 30), or null for none")
+    if m.attn_scale is not None and m.attn_scale <= 0:
+        raise ConfigError(f"{where}.attn_scale={m.attn_scale} must be positive, or null for 1 / sqrt(head size)")
 
 
 def check_train_config(c: TrainConfig) -> None:

@@ -7,7 +7,7 @@ scaled_dot_product_attention, which picks a flash or memory-efficient kernel whe
 
 Switches in the model config turn on what later work found better (the NanoGPT speedrun uses all
 of them); each default is GPT-2's: `position` rotary, `norm` rmsnorm, `qk_norm`, `activation`
-relu2, `tie_embeddings` off, `zero_init_proj`, `logit_softcap`.
+relu2, `tie_embeddings` off, `zero_init_proj`, `logit_softcap`, `attn_scale`, `split_qkv`.
 
 Generation keeps each layer's keys and values (a KV cache), so each new token costs one position's
 compute instead of the whole context's.
@@ -49,17 +49,23 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.dropout = config.dropout
-        # query, key and value for all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.split_qkv = config.split_qkv
+        if self.split_qkv:  # three square matrices, which Muon orthogonalises one by one
+            self.c_q, self.c_k, self.c_v = (nn.Linear(config.n_embd, config.n_embd, bias=config.bias) for _ in range(3))
+        else:  # query, key and value for all heads in one matmul
+            self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.qk_norm = config.qk_norm
+        # None: SDPA's 1/sqrt(head_size). With qk_norm a query-key product is at most head_size, so the
+        # scale caps the attention logits: a larger one lets a head attend more sharply.
+        self.scale = config.attn_scale
 
     def forward(self, x, rotary=None, cache=None):
         """rotary: the (cos, sin) rows of x's positions, or None. cache: this layer's keys and values
         of the positions before x (a dict, filled here), or None."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (self.c_q(x), self.c_k(x), self.c_v(x)) if self.split_qkv else self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -73,7 +79,7 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(  # one new query sees every kept key: no mask needed
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T == k.size(2)
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T == k.size(2), scale=self.scale
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))

@@ -169,7 +169,7 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
 
 # what the weights fix: a model built with other values would not load them, or not compute what they learned
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation", "position", "norm", "qk_norm",
-                "tie_embeddings")
+                "tie_embeddings", "split_qkv")
 
 
 def _plain(value):

@@ -1,5 +1,5 @@
 """The modern switches of the model (rotary, RMSNorm, QK-norm, ReLU², untied head, zero-init
-projections, logit soft-cap): off, the model is exactly the earlier one; on, each trains,
+projections, logit soft-cap, attention scale, split query/key/value): off, the model is exactly the earlier one; on, each trains,
 checkpoints and resumes exactly. And generation with the KV cache equals generation without it."""
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def test_with_every_switch_off_the_model_trains_exactly_as_the_earlier_one():
 
 
 SWITCHES = ["model.position=rotary", "model.norm=rmsnorm", "model.qk_norm=true", "model.activation=relu2",
-            "model.tie_embeddings=false", "model.zero_init_proj=true", "model.logit_softcap=15.0"]
+            "model.tie_embeddings=false", "model.zero_init_proj=true", "model.logit_softcap=15.0",
+            "model.attn_scale=0.35", "model.split_qkv=true"]
+FLOAT_SWITCHES = ("logit_softcap", "attn_scale")
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +110,28 @@ def test_the_switches_change_the_model():
     for switch in SWITCHES:
         key, value = switch.removeprefix("model.").split("=")
         value = {"true": True, "false": False}.get(value, value)
-        value = float(value) if key == "logit_softcap" else value
+        value = float(value) if key in FLOAT_SWITCHES else value
         torch.manual_seed(0)
         model = GPT(ModelConfig(**{**TINY_MODEL, key: value})).eval()
         logits, _ = model(x, targets=x)
         assert set(model.state_dict()) != names or not torch.equal(logits, base_logits), switch
+
+
+def test_split_qkv_computes_the_same_attention_as_the_fused_matrix():
+    """split_qkv changes only how the weights are laid out (and so what Muon sees): with c_attn's
+    three blocks copied into c_q, c_k and c_v, the model computes the same logits."""
+    fused = GPT(ModelConfig(**{**TINY_MODEL, "bias": True})).eval()
+    split = GPT(ModelConfig(**{**TINY_MODEL, "bias": True, "split_qkv": True})).eval()
+    state = {}
+    for name, tensor in fused.state_dict().items():
+        if ".c_attn." in name:
+            for part, chunk in zip("qkv", tensor.chunk(3, dim=0)):
+                state[name.replace(".c_attn.", f".c_{part}.")] = chunk
+        else:
+            state[name] = tensor
+    split.load_state_dict(state)
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(split(x, targets=x)[0], fused(x, targets=x)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +172,7 @@ def test_kv_cache_speedup_at_500_new_tokens():
 @pytest.mark.parametrize("overrides, fragment", [
     (["model.position=rotary", "model.n_head=4", "model.n_embd=36"], "head size model.n_embd / n_head = 9 is odd"),
     (["model.logit_softcap=-1"], "model.logit_softcap=-1.0 must be positive"),
+    (["model.attn_scale=0"], "model.attn_scale=0.0 must be positive"),
 ])
 def test_a_switch_that_cannot_work_is_named(overrides, fragment):
     from nanogpt.config import ConfigError
@@ -168,7 +188,8 @@ def test_weights_are_loaded_only_into_the_architecture_they_were_trained_with():
 
     trained = ModelConfig(**TINY_MODEL)
     for key, value, expected in [("position", "rotary", "model.position=learned"), ("norm", "rmsnorm", "model.norm=layernorm"),
-                                 ("tie_embeddings", False, "model.tie_embeddings=True"), ("qk_norm", True, "model.qk_norm=False")]:
+                                 ("tie_embeddings", False, "model.tie_embeddings=True"), ("qk_norm", True, "model.qk_norm=False"),
+                                 ("split_qkv", True, "model.split_qkv=False")]:
         with pytest.raises(UserError, match=expected):
             weights.check_matches(ModelConfig(**{**TINY_MODEL, key: value}), trained, "a run dir")
 
@@ -195,6 +216,18 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest_each_with_its_lr():
     assert lrs["transformer.ln_f.weight"] == pytest.approx(1e-3)
     assert lrs["transformer.h.0.attn.c_attn.weight"] == pytest.approx(0.02)
     assert len(lrs) == len(list(model.parameters()))  # every parameter, once
+
+
+def test_with_split_qkv_muon_sees_query_key_and_value_as_three_matrices():
+    from nanogpt.config import OptimConfig
+
+    model = GPT(ModelConfig(**{**TINY_MODEL, "split_qkv": True}))
+    optimizer = build_optimizer(model, OptimConfig(name="muon", schedule="wsd"), "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    shapes = {names[id(p)]: tuple(p.shape) for g in optimizer.muon.param_groups for p in g["params"]}
+    for part in "qkv":
+        assert shapes[f"transformer.h.0.attn.c_{part}.weight"] == (32, 32)
+    assert not any("c_attn" in name for name in shapes)
 
 
 def test_warmup_stable_decay_schedule():
