@@ -1,6 +1,7 @@
 """The modern switches of the model (rotary, RMSNorm, QK-norm, ReLU², untied head, zero-init
-projections, logit soft-cap, attention scale, split query/key/value): off, the model is exactly the earlier one; on, each trains,
-checkpoints and resumes exactly. And generation with the KV cache equals generation without it."""
+projections, logit soft-cap, attention scale, split query/key/value): off, the model is exactly
+the earlier one; on, each trains, checkpoints and resumes exactly. And generation with the KV cache
+equals generation without it."""
 
 from __future__ import annotations
 
