@@ -170,19 +170,25 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
 # what the weights fix: a model built with other values would not load them, or not compute what they learned
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation", "position", "norm", "qk_norm",
                 "tie_embeddings", "split_qkv")
+# what the weights were trained to compute with, where null is a value ("off", "SDPA's default"), not "unset"
+SCALE_FIELDS = ("attn_scale", "logit_softcap")
 
 
 def _plain(value):
     return value.value if isinstance(value, Enum) else value
 
 
+def _override(key: str, value) -> str:
+    return f"model.{key}={'null' if value is None else _plain(value)}"
+
+
 def check_matches(configured: ModelConfig, loaded: ModelConfig, init_from: str) -> None:
     """The model group must describe the weights being loaded; say which overrides would fix it."""
     wrong = [
-        f"model.{k}={_plain(getattr(loaded, k))}"
+        _override(k, getattr(loaded, k))
         for k in SHAPE_FIELDS
         if getattr(configured, k) is not None and _plain(getattr(configured, k)) != _plain(getattr(loaded, k))
-    ]
+    ] + [_override(k, getattr(loaded, k)) for k in SCALE_FIELDS if getattr(configured, k) != getattr(loaded, k)]
     if wrong:
         raise UserError(
             f"the model config does not match the weights of init_from={init_from}: set {' '.join(wrong)}"

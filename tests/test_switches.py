@@ -193,6 +193,13 @@ def test_weights_are_loaded_only_into_the_architecture_they_were_trained_with():
                                  ("split_qkv", True, "model.split_qkv=False")]:
         with pytest.raises(UserError, match=expected):
             weights.check_matches(ModelConfig(**{**TINY_MODEL, key: value}), trained, "a run dir")
+    # a scale the weights were trained with, or without, is part of what they compute: null is a value here
+    scaled = ModelConfig(**{**TINY_MODEL, "attn_scale": 0.35, "logit_softcap": 15.0})
+    with pytest.raises(UserError, match=r"set model\.attn_scale=0\.35 model\.logit_softcap=15\.0 "):
+        weights.check_matches(trained, scaled, "a run dir")
+    with pytest.raises(UserError, match=r"set model\.logit_softcap=null "):
+        weights.check_matches(ModelConfig(**{**TINY_MODEL, "logit_softcap": 30.0}), trained, "a run dir")
+    weights.check_matches(scaled, scaled, "a run dir")
 
 
 # ---------------------------------------------------------------------------------------------
