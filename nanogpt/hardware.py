@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import platform
 import time
 from dataclasses import dataclass
 
 import torch
 
 from nanogpt.config import ConfigError, Device, DType, HardwareConfig
+
+log = logging.getLogger(__name__)
 
 # Dense bf16/fp16 tensor-core peak FLOP/s (without sparsity), by a substring of the device name.
 # The first match wins, so more specific names come first.
@@ -82,6 +87,8 @@ def resolve(cfg: HardwareConfig) -> Hardware:
             dtype = DType.float32
     if device == Device.cpu and dtype == DType.float16:
         raise ConfigError("hardware.dtype=float16 is not supported on cpu: use float32 or bfloat16")
+    if device == Device.cpu and dtype == DType.bfloat16 and not x86_has_native_bf16():
+        _warn_emulated_bf16()
     torch_dtype = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}[dtype]
 
     if cfg.cpus_per_process and os.environ.get("SUBMITIT_EXECUTOR"):
@@ -97,6 +104,21 @@ def resolve(cfg: HardwareConfig) -> Hardware:
     if peak is None and device == Device.cuda:
         peak = gpu_peak_flops(torch.cuda.get_device_name())
     return Hardware(device=device.value, dtype=torch_dtype, compile=compile_model, peak_flops=peak)
+
+
+def x86_has_native_bf16() -> bool:
+    """False only on an x86 CPU that torch's probes say lacks both avx512_bf16 and AMX. Other CPUs
+    (ARM's own bf16 instructions, say), or a torch without the private probes: True, not a wrong warning."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return not all(probes) or any(probe() for probe in probes)
+
+
+@functools.cache  # once a process: preflight and the training loop both resolve the hardware group
+def _warn_emulated_bf16() -> None:
+    log.warning("hardware.dtype=bfloat16 on an x86 CPU without native bf16 (avx512_bf16 or AMX): its matmuls "
+                "are emulated, usually slower than float32; set hardware.dtype=float32")
 
 
 def gpu_peak_flops(name: str) -> float | None:

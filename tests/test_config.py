@@ -152,6 +152,32 @@ def test_cli_mistakes_are_one_line_and_write_nothing(tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []  # no outputs/ dir, no data dir
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
+    """Where the CPU has native bf16 (this one has avx512_bf16), nothing is said; a CPU without it,
+    which cannot run here, is faked through torch's probes."""
+    import torch
+
+    from nanogpt import hardware
+    from nanogpt.config import HardwareConfig
+
+    cpu_bf16 = HardwareConfig(device="cpu", dtype="bfloat16")
+    with caplog.at_level("WARNING", logger="nanogpt.hardware"):
+        assert hardware.resolve(cpu_bf16).dtype == torch.bfloat16
+        assert hardware.resolve(HardwareConfig(device="cpu", dtype="float32")).dtype == torch.float32
+        if hardware.x86_has_native_bf16():
+            assert caplog.messages == []
+        caplog.clear()
+        monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        hardware._warn_emulated_bf16.cache_clear()
+        hardware.resolve(cpu_bf16)
+        hardware.resolve(cpu_bf16)  # said once, not on each resolve
+    assert caplog.messages == [
+        "hardware.dtype=bfloat16 on an x86 CPU without native bf16 (avx512_bf16 or AMX): its matmuls are emulated, "
+        "usually slower than float32; set hardware.dtype=float32"]
+
+
 def test_cfg_job_is_fast_and_shows_every_knob(tmp_path, capsys):
     start = time.perf_counter()
     result = run_cli("nanogpt.train", "--cfg", "job", cwd=tmp_path, timeout=60)
