@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -36,7 +37,8 @@ def train_as_rank(config: TrainConfig, run_dir: Path, data_meta: dict, resolved:
 
 def _log_to_rank_file(run_dir: Path, rank: int) -> None:
     """A spawned worker's logging: its own file in the run dir (rank 0: train.log, beside the
-    launcher's lines), and rank 0's progress lines on stdout; other ranks print only warnings."""
+    launcher's lines), and rank 0's progress lines on stdout; other ranks print only warnings.
+    The file also takes the Python stacks of a fatal signal."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     name = "train.log" if rank == 0 else f"train.rank{rank}.log"
@@ -46,6 +48,9 @@ def _log_to_rank_file(run_dir: Path, rank: int) -> None:
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.handlers = [file, console]
+    # a crash (SIGSEGV, SIGABRT, ...) writes every thread's Python stack into this file, the one the
+    # launcher's error names; on the shared stderr the ranks' traces interleave and get cut
+    faulthandler.enable(file=file.stream, all_threads=True)
 
 
 def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: str | None) -> dict:

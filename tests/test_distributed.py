@@ -30,8 +30,13 @@ def workspace(tmp_path_factory):
 
 def train(cwd: Path, base: list[str], name: str, *args: str, env: dict | None = None):
     result = run_cli("nanogpt.train", *base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + rank_logs(cwd / name)
     return cwd / name, result
+
+
+def rank_logs(run_dir: Path) -> str:
+    """The end of each worker's log, for a failed run's message: a crashed rank's stacks are there."""
+    return "".join(f"\n--- {log.name}\n{log.read_text()[-4000:]}" for log in sorted(run_dir.glob("train*.log")))
 
 
 def weights(run_dir: Path) -> dict:
@@ -150,7 +155,7 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
     shutil.copytree(stopped, on_one)
 
     resumed = run_cli("nanogpt.train", f"resume={stopped}", cwd=cwd)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, resumed.stderr + rank_logs(stopped)
     assert all(torch.equal(a, b) for a, b in zip(weights(stopped).values(), weights(straight).values()))
     assert logged(stopped) == logged(straight)
 
@@ -168,7 +173,7 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
 # --- failures ------------------------------------------------------------------------------
 
 FAIL_ON_RANK_1 = '''
-import os
+import os, signal
 from nanogpt.batches import RandomWindows
 
 next_batch = RandomWindows.next_batch
@@ -177,28 +182,38 @@ calls = []
 def failing_next_batch(self):
     calls.append(1)
     if os.environ.get("RANK") == "1" and len(calls) == 12:
-        raise RuntimeError("injected failure on rank 1")
+        {failure}
     return next_batch(self)
 
 RandomWindows.next_batch = failing_next_batch
 '''
 
+FAILURES = {  # how rank 1 fails: the exit code the launcher's error names, and what its log then holds
+    "exception": ('raise RuntimeError("injected failure on rank 1")', 1, "RuntimeError: injected failure on rank 1"),
+    # a crash in native code (torch, gloo): faulthandler writes the Python stacks into the rank's log
+    "segfault": ("os.kill(os.getpid(), signal.SIGSEGV)", -11, "Fatal Python error: Segmentation fault"),
+}
 
-def test_an_exception_on_one_rank_stops_every_rank_quickly(workspace, tmp_path):
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_a_failure_on_one_rank_stops_every_rank_quickly(workspace, tmp_path, failure):
     cwd, base = workspace
+    statement, exit_code, in_log = FAILURES[failure]
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1)  # imported by every process, workers included
+    (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1.format(failure=statement))  # imported by every process
     started = time.monotonic()
-    result = run_cli("nanogpt.train", *base, "hydra.run.dir=failing", "hardware=ddp", "hardware.nproc_per_node=2",
+    run_dir = cwd / f"failing_{failure}"
+    result = run_cli("nanogpt.train", *base, f"hydra.run.dir={run_dir.name}", "hardware=ddp", "hardware.nproc_per_node=2",
                      "batch_size=4", "global_batch_size=8", "max_iters=1000", cwd=cwd,
                      env={"PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}, timeout=120)
     elapsed = time.monotonic() - started
-    print(f"\n[failure] rank 1 raised in its 12th batch: the run ended in {elapsed:.1f} s (process start included)")
+    print(f"\n[failure] rank 1 failed ({failure}) in its 12th batch: the run ended in {elapsed:.1f} s (process start included)")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "rank 1 failed (exit code 1) and the others were stopped" in result.stderr.strip().splitlines()[-1]
-    run_dir = cwd / "failing"
-    assert "RuntimeError: injected failure on rank 1" in (run_dir / "train.rank1.log").read_text()
+    assert f"rank 1 failed (exit code {exit_code}) and the others were stopped" in result.stderr.strip().splitlines()[-1]
+    rank_log = (run_dir / "train.rank1.log").read_text()
+    assert in_log in rank_log
+    assert "failing_next_batch" in rank_log  # the stack says where
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
 
 
@@ -313,7 +328,7 @@ def test_fsdp_and_plain_checkpoints_continue_each_other(workspace, ddp_straight)
     assert "dropout masks start anew" in plain.stdout  # 2 ranks' RNG states, 1 process
     sharded = run_cli("nanogpt.train", f"resume={run_dir}", "max_iters=40", "hardware.nproc_per_node=2",
                       "hardware.fsdp=true", cwd=cwd)
-    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-2000:]
+    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-2000:] + rank_logs(run_dir)
     diff = max_diff(weights(run_dir), weights(ddp_straight))
     print(f"\n[fsdp] 20 sharded + 10 plain + 10 sharded vs 40 DDP steps: max |weight diff| = {diff:.2e}")
     assert diff < 1e-5
