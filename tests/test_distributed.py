@@ -31,17 +31,26 @@ def workspace(tmp_path_factory):
 
 
 def train(cwd: Path, base: list[str], name: str, *args: str, env: dict | None = None):
-    """A fresh run in cwd/name. A rank killed by a signal (a crash inside torch or gloo, which a
-    CI run met once in an FSDP checkpoint gather) is rerun once, with a warning that holds the
-    crashed rank's stacks; a failure of our own code (an exception: exit code 1) fails at once."""
-    result = run_cli("nanogpt.train", *base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env)
-    crash = re.search(r"rank \d+ failed \(exit code -\d+\)", result.stderr)
-    if crash:
-        kept = (cwd / name).rename(cwd / f"{name}.crashed")
-        warnings.warn(f"{name}: {crash.group(0)}; rerunning it once. The crashed run's rank logs:{rank_logs(kept)}")
-        result = run_cli("nanogpt.train", *base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env)
+    result = run_ranks(*base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env, fresh=cwd / name)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + rank_logs(cwd / name)
     return cwd / name, result
+
+
+def run_ranks(*args: str, cwd: Path, env: dict | None = None, fresh: Path | None = None):
+    """nanogpt-train, as a user runs it. A rank killed by a signal (a crash inside torch or gloo,
+    which one CI run met in an FSDP checkpoint gather) is rerun once, with a warning that holds the
+    crashed rank's stacks: a fresh run (fresh: its run dir, moved aside) from the start, a resume
+    from the checkpoint the crash left, which exact resume makes the same. A failure of our own
+    code (an exception: exit code 1) is returned as it is."""
+    result = run_cli("nanogpt.train", *args, cwd=cwd, env=env)
+    crash = re.search(r"rank \d+ failed \(exit code -\d+\) and the others were stopped: see (\S+)\.", result.stderr)
+    if crash:
+        logs = rank_logs(Path(cwd, crash.group(1)).parent)
+        if fresh is not None:
+            fresh.rename(fresh.with_name(fresh.name + ".crashed"))
+        warnings.warn(f"{crash.group(0)} Rerunning it once. The crashed run's rank logs:{logs}")
+        result = run_cli("nanogpt.train", *args, cwd=cwd, env=env)
+    return result
 
 
 def rank_logs(run_dir: Path) -> str:
@@ -164,7 +173,7 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
     on_one = cwd / "ddp_stopped_then_one_process"
     shutil.copytree(stopped, on_one)
 
-    resumed = run_cli("nanogpt.train", f"resume={stopped}", cwd=cwd)
+    resumed = run_ranks(f"resume={stopped}", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr + rank_logs(stopped)
     assert all(torch.equal(a, b) for a, b in zip(weights(stopped).values(), weights(straight).values()))
     assert logged(stopped) == logged(straight)
@@ -336,8 +345,7 @@ def test_fsdp_and_plain_checkpoints_continue_each_other(workspace, ddp_straight)
     # on one process the same global batch takes two micro-steps: the same batches, in the same order
     assert "4 x 32 x 2 micro-steps x 1 processes" in plain.stdout
     assert "dropout masks start anew" in plain.stdout  # 2 ranks' RNG states, 1 process
-    sharded = run_cli("nanogpt.train", f"resume={run_dir}", "max_iters=40", "hardware.nproc_per_node=2",
-                      "hardware.fsdp=true", cwd=cwd)
+    sharded = run_ranks(f"resume={run_dir}", "max_iters=40", "hardware.nproc_per_node=2", "hardware.fsdp=true", cwd=cwd)
     assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-2000:] + rank_logs(run_dir)
     diff = max_diff(weights(run_dir), weights(ddp_straight))
     print(f"\n[fsdp] 20 sharded + 10 plain + 10 sharded vs 40 DDP steps: max |weight diff| = {diff:.2e}")
