@@ -31,23 +31,24 @@ def workspace(tmp_path_factory):
 
 
 def train(cwd: Path, base: list[str], name: str, *args: str, env: dict | None = None):
-    result = run_ranks(*base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env, fresh=cwd / name)
+    result = run_ranks(*base, f"hydra.run.dir={name}", *args, cwd=cwd, env=env, fresh=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + rank_logs(cwd / name)
     return cwd / name, result
 
 
-def run_ranks(*args: str, cwd: Path, env: dict | None = None, fresh: Path | None = None):
+def run_ranks(*args: str, cwd: Path, env: dict | None = None, fresh: bool = False):
     """nanogpt-train, as a user runs it. A rank killed by a signal (a crash inside torch or gloo,
     which one CI run met in an FSDP checkpoint gather) is rerun once, with a warning that holds the
-    crashed rank's stacks: a fresh run (fresh: its run dir, moved aside) from the start, a resume
+    crashed rank's stacks: a fresh run (its run dir moved aside) from the start, a resume
     from the checkpoint the crash left, which exact resume makes the same. A failure of our own
     code (an exception: exit code 1) is returned as it is."""
     result = run_cli("nanogpt.train", *args, cwd=cwd, env=env)
     crash = re.search(r"rank \d+ failed \(exit code -\d+\) and the others were stopped: see (\S+)\.", result.stderr)
     if crash:
-        logs = rank_logs(Path(cwd, crash.group(1)).parent)
-        if fresh is not None:
-            fresh.rename(fresh.with_name(fresh.name + ".crashed"))
+        run_dir = Path(cwd, crash.group(1)).parent
+        logs = rank_logs(run_dir)
+        if fresh:
+            run_dir.rename(run_dir.with_name(run_dir.name + ".crashed"))
         warnings.warn(f"{crash.group(0)} Rerunning it once. The crashed run's rank logs:{logs}")
         result = run_cli("nanogpt.train", *args, cwd=cwd, env=env)
     return result
