@@ -28,7 +28,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     schema = OmegaConf.get_type(cfg)  # TrainConfig, or a subclass such as BenchConfig
     if not (isinstance(schema, type) and issubclass(schema, TrainConfig)):
         schema = TrainConfig
-    task_cfg = {k: v for k, v in cfg.items() if k != "hydra"} if "hydra" in cfg else cfg
+    # masked_copy, not items(): an interpolation that cannot resolve is then to_object's one-line error
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     config = to_object(task_cfg, schema)
     check_train_config(config)
     return config

@@ -83,6 +83,16 @@ CASES = [
     ("another run's dir with another config", ["hydra.run.dir={base}/finished", "model.n_embd=64"],
      ["holds a run with model.n_embd=128", "this command sets 64", "fresh dir"]),
     ("resume in a sweep", ["-m", "resume={base}/finished", "max_iters=8,16"], ["not a sweep", "drop -m"]),
+    ("an override the grammar cannot parse", ["data.source=inp/a=b.txt"],
+     ["cannot parse the override data.source=inp/a=b.txt at character 18 ('=')",
+      """quote the value so that it is taken as a plain string: 'data.source="inp/a=b.txt"'"""]),
+    ("a key the grammar cannot parse", ["max iters=5"], ["cannot parse the override max iters=5 at character 4 (' ')",
+                                                         "a key is letters, digits"]),
+    ("an interpolation that does not resolve", ["seed=${{oops}}"], ["seed: Interpolation key 'oops' not found"]),
+    ("the working dir moved into the run dir", ["hydra.job.chdir=true"],
+     ["hydra.job.chdir=true is not supported", "relative paths mean one thing", "drop hydra.job.chdir"]),
+    ("the working dir moved in a sweep", ["-m", "hydra.job.chdir=true", "seed=1,2"],
+     ["hydra.job.chdir=true is not supported"]),
 ]
 
 
@@ -109,6 +119,13 @@ def test_a_read_only_run_dir_is_refused_before_anything_runs(runs, tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert_one_line_error(result, ["cannot be written (read-only file system", "pick a writable hydra.run.dir"])
     assert fingerprint(base) == before
+
+
+def test_an_unparsable_override_of_nanogpt_sample_names_the_character_and_the_quoting(tmp_path):
+    result = run_cli("nanogpt.sample", "prompt=café", cwd=tmp_path)
+    assert_one_line_error(result, ["cannot parse the override prompt=café at character 11 ('é')",
+                                   """'prompt="café"'"""])
+    assert not list(tmp_path.iterdir())
 
 
 def assert_one_line_error(result, fragments) -> None:
