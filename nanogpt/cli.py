@@ -178,12 +178,54 @@ def user_errors():
         exit_with_error(e)
 
 
-def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:
+def show_planned_config(config_name: str, plan: Callable, argv: list[str]) -> bool:
+    """`--cfg job|hydra|all` (with --package, --resolve) as Hydra prints it, but of the config
+    that would run: composed, then planned by `plan` (e.g. resume=<run dir> puts the run's own
+    config in place), as the run itself does. Returns False, printing nothing, for any other
+    command line (a sweep's, or one that is not a --cfg request)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf, open_dict
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # not Hydra's flags: Hydra answers them
+        return False
+    if not args.cfg or args.help or args.hydra_help or args.info:
+        return False
+    if args.multirun:
+        raise ConfigError("--cfg shows the config of one run, and -m/--multirun asks for a sweep: drop -m to see a "
+                          "job's config (give the job's values), or drop --cfg to launch the sweep")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name):
+        cfg = compose(config_name, overrides=args.overrides, return_hydra_config=True)
+    plan(cfg)
+    if args.cfg == "job":
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    elif args.cfg == "hydra":
+        cfg = OmegaConf.masked_copy(cfg, ["hydra"])
+    shown = cfg if args.package in (None, "_global_") else OmegaConf.select(cfg, args.package)
+    if shown is None:
+        raise ConfigError(f"--package {args.package}: no such key in the config")
+    if not OmegaConf.is_config(shown):
+        print(shown)
+        return True
+    if args.package not in (None, "_global_"):
+        print(f"# @package {args.package}")
+    if args.resolve:
+        with open_dict(shown):
+            OmegaConf.resolve(shown)
+    sys.stdout.write(OmegaConf.to_yaml(shown))
+    return True
+
+
+def hydra_entrypoint(task: Callable[[], None], config_name: str | None = None,
+                     plan: Callable | None = None) -> Callable[[], None]:
     """Wrap a @hydra.main function so user mistakes end in one line on stderr and exit status 2.
 
     Hydra prints composition errors over several lines; we ask it to raise instead
     (HYDRA_FULL_ERROR) and print them condensed. A user who sets HYDRA_FULL_ERROR=1 still gets
-    the full traceback.
+    the full traceback. With `plan` (a function that plans a composed config in place, as the run
+    does), `--cfg` shows the config that would run (`show_planned_config`).
     """
 
     @functools.wraps(task)
@@ -194,7 +236,8 @@ def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             register_configs()
-            task()
+            if plan is None or not show_planned_config(config_name, plan, sys.argv[1:]):
+                task()
         except (UserError, HydraException) as e:  # composition errors are HydraExceptions
             if user_wants_traceback:
                 raise

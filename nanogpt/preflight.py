@@ -137,6 +137,18 @@ def quiet_secondary_rank(config: DictConfig, rank: int) -> None:
         config.hydra.job_logging.handlers.console.level = "WARNING"
 
 
+def check_working_dir(cfg: DictConfig) -> None:
+    """The run stays in the launch dir: relative paths (data.dir, data.source, resume=, init_from=,
+    hydra.run.dir) mean the same in every phase. hydra.job.chdir=true would resolve them against
+    the launch dir while checking and preparing, and against the run dir while training."""
+    if OmegaConf.select(cfg, "hydra.job.chdir"):
+        raise ConfigError(
+            "hydra.job.chdir=true is not supported: nanogpt keeps the launch dir as the working dir, so that relative "
+            "paths mean one thing, and writes every output into the run dir by its path; drop hydra.job.chdir (the "
+            "run dir is hydra.runtime.output_dir, and absolute paths work from anywhere)"
+        )
+
+
 class Preflight(Callback):
 
     def __init__(self, check_data: bool = True, plan_runs: bool = False):
@@ -148,6 +160,7 @@ class Preflight(Callback):
             if self.plan_runs:
                 from nanogpt.distributed import detect
 
+            check_working_dir(config)
                 to_train_config(config)  # the command line's own mistakes first
                 env = detect()
                 if env.is_distributed:  # every rank of torchrun/srun runs this: rank 0 decides for all
@@ -170,6 +183,7 @@ class Preflight(Callback):
             from nanogpt.distributed import detect
 
             if detect().is_distributed:
+            check_working_dir(config)
                 raise ConfigError(
                     "a sweep (--multirun) cannot run inside torchrun or srun: launch the sweep once, and give each "
                     "job its processes with hardware.nproc_per_node (or the SLURM launcher's tasks)"

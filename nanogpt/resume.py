@@ -54,7 +54,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def refuse_changes(old: dict, new: dict, run_dir: Path | str, way_out: str | None = None) -> None:
-    """ConfigError unless the two resolved configs differ only in RESUMABLE keys."""
+    """ConfigError unless the two resolved configs (nested or flat) differ only in RESUMABLE keys."""
     old_flat, new_flat = flatten(old), flatten(new)
     for key in sorted(old_flat.keys() | new_flat.keys()):
         if is_resumable(key) or old_flat.get(key) == new_flat.get(key):
@@ -64,6 +64,39 @@ def refuse_changes(old: dict, new: dict, run_dir: Path | str, way_out: str | Non
             f"a continued run keeps its config (only {RESUMABLE_IN_WORDS} may change); "
             + (way_out or f"to train with it changed, start a new run in a fresh dir with init_from={run_dir}")
         )
+
+
+def derived_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """The keys whose composed value is an interpolation of other keys (optim.decay_iters:
+    ${max_iters}, block_size: ${model.block_size}): derived, not chosen."""
+    keys = []
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if OmegaConf.is_interpolation(cfg, key):
+            keys.append(f"{prefix}{key}")
+        elif isinstance(node, DictConfig):
+            keys += derived_keys(node, f"{prefix}{key}.")
+    return keys
+
+
+def continued_config(snapshot: dict, composed: DictConfig, run_dir: Path | str, way_out: str | None = None) -> dict:
+    """The config a run continues with when a command (composed, with its interpolations) continues
+    the run whose resolved config is `snapshot`: the run's, with the command's RESUMABLE values.
+
+    A derived key keeps the run's value: when max_iters grows, optim.decay_iters (${max_iters})
+    stays where the run had it, so the schedule of the steps already taken goes on unchanged,
+    and a command that repeats an extension is the same command again, not a change. (Its source,
+    if not RESUMABLE, is compared on its own.) Any other difference raises ConfigError."""
+    run, wanted = flatten(snapshot), flatten(OmegaConf.to_container(composed, resolve=True, enum_to_str=True))
+    for key in derived_keys(composed):
+        if not is_resumable(key) and key in run:
+            wanted[key] = run[key]
+    refuse_changes(run, wanted, run_dir, way_out)
+    continued = OmegaConf.create(snapshot)
+    for key, value in wanted.items():
+        if is_resumable(key):
+            OmegaConf.update(continued, key, value, merge=False, force_add=True)
+    return OmegaConf.to_container(continued)
 
 
 def refuse_overwrite(run_dir: Path) -> None:
@@ -95,9 +128,11 @@ def existing_run_dir(value: str, key: str, needs: str) -> Path:
     return path
 
 
-def plan_run(cfg: DictConfig) -> None:
-    """Point the run dir and the task config at what resume/reproduce ask (mutates cfg)."""
-    from nanogpt.checkpoint import CheckpointDir
+def plan_run(cfg: DictConfig, preview: bool = False) -> None:
+    """Point the run dir and the task config at what resume/reproduce ask (mutates cfg), after
+    taking the run dir's lock (runlock.hold). preview (--cfg job): the same plan, without the lock
+    and without verifying the checkpoints' hashes, so that it writes nothing and answers at once."""
+    from nanogpt import runlock
 
     resume, reproduce = cfg.resume, cfg.reproduce
     if reproduce is not None:
@@ -109,7 +144,10 @@ def plan_run(cfg: DictConfig) -> None:
         replace_task_config(cfg, snapshot, source)
     elif resume not in CHOICES:
         source = existing_run_dir(resume, "resume", "config.resolved.yaml")
-        if not CheckpointDir(source / "checkpoints").candidates():
+        if not preview:  # the run continues in its own dir: a live owner is the first thing to name
+            check_writable(source)
+            runlock.hold(source)
+        if not has_checkpoints(source):
             raise ConfigError(
                 f"resume={resume} holds no checkpoint to continue from (it stopped before its first save, or ran "
                 f"with save_checkpoints=false): start it again with reproduce={resume}"
@@ -123,37 +161,46 @@ def plan_run(cfg: DictConfig) -> None:
 
     run_dir = Path(str(cfg.hydra.run.dir))
     check_writable(run_dir)
+    if not preview:  # before the run's files are read: a live owner may be writing them
+        runlock.hold(run_dir)
     if resume == "never" and (run_dir / "provenance.json").exists():
         refuse_overwrite(run_dir)
-    if resume != "never" and (run_dir / "config.resolved.yaml").is_file():
-        _continue_in_place(cfg, run_dir)
-    if resume != "never" and CheckpointDir(run_dir / "checkpoints").candidates():
-        CheckpointDir(run_dir / "checkpoints").check_any_good()  # a corrupt run is named before Hydra writes
-    if (run_dir / ".hydra").is_dir():  # keep the run's first snapshot; this start's goes beside it
+    if resume != "never":
+        plan_in_place(cfg, run_dir)
+        if not preview and has_checkpoints(run_dir):
+            from nanogpt.checkpoint import CheckpointDir
+
+            CheckpointDir(run_dir / "checkpoints").check_any_good()  # a corrupt run is named before Hydra writes
+    else:
+        keep_first_snapshot(cfg, run_dir)
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether run_dir holds a checkpoint to continue from (without importing torch when it has none)."""
+    if not (run_dir / "checkpoints").is_dir():
+        return False
+    from nanogpt.checkpoint import CheckpointDir
+
+    return bool(CheckpointDir(run_dir / "checkpoints").candidates())
+
+
+def plan_in_place(cfg: DictConfig, run_dir: Path, way_out: str | None = None) -> None:
+    """cfg will run in run_dir (resume=auto): if the dir holds a run, cfg becomes that run's config
+    with the command's RESUMABLE values (`continued_config`); if it holds a snapshot, this
+    start's goes beside it (`keep_first_snapshot`). Mutates cfg."""
+    if (run_dir / "config.resolved.yaml").is_file():
+        snapshot = OmegaConf.to_container(OmegaConf.load(run_dir / "config.resolved.yaml"))
+        continued = continued_config(snapshot, _task_part(cfg), run_dir, way_out)
+        replace_task_config(cfg, OmegaConf.create(continued), run_dir)
+    keep_first_snapshot(cfg, run_dir)
+
+
+def keep_first_snapshot(cfg: DictConfig, run_dir: Path) -> None:
+    """If run_dir holds a .hydra/ snapshot, this start's goes beside it, in .hydra/resume-N."""
+    if (run_dir / ".hydra").is_dir():
         n = 1 + len(list((run_dir / ".hydra").glob("resume-*")))
         with read_write(cfg), open_dict(cfg):
             cfg.hydra.output_subdir = f".hydra/resume-{n}"
-
-
-def _continue_in_place(cfg: DictConfig, run_dir: Path) -> None:
-    """The command continues the run in its own dir (resume=auto): the run's resolved config, with
-    the command's RESUMABLE values. Any other difference is refused. A value derived from a
-    RESUMABLE one keeps the run's: optim.decay_iters stays where it was when max_iters grows, so
-    the schedule of the steps already taken goes on unchanged."""
-    snapshot = OmegaConf.to_container(OmegaConf.load(run_dir / "config.resolved.yaml"))
-    composed = _task_part(cfg)
-    resumable = {k: v for k, v in flatten(snapshot).items() if is_resumable(k)}
-    probe = composed.copy()  # the command's config as it would be with the run's resumable values
-    with read_write(probe), open_dict(probe):
-        for key, value in resumable.items():
-            OmegaConf.update(probe, key, value, merge=False, force_add=True)
-    refuse_changes(snapshot, OmegaConf.to_container(probe, resolve=True, enum_to_str=True), run_dir)
-    continued = OmegaConf.create(snapshot)
-    wanted = OmegaConf.to_container(composed, resolve=True, enum_to_str=True)
-    for key, value in flatten(wanted).items():
-        if is_resumable(key):
-            OmegaConf.update(continued, key, value, merge=False, force_add=True)
-    replace_task_config(cfg, continued, run_dir)
 
 
 def _task_part(cfg: DictConfig) -> DictConfig:

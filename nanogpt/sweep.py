@@ -57,7 +57,8 @@ class SweepJob:
 def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]],
               initial_job_idx: int) -> list[SweepJob]:
     """Compose and check every job of the sweep now, and find the ones already finished."""
-    from nanogpt.preflight import to_train_config
+    from nanogpt import runlock
+    from nanogpt.preflight import check_working_dir, to_train_config
     from nanogpt.config import UserError, check_world_size
     from nanogpt.distributed import planned_world_size
 
@@ -71,8 +72,10 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
             config.hydra.job.num = num
             config.hydra.sweep.dir = str(sweep_dir)  # resolved once: ${now:} is the launch's time
             config.hydra.sweep.subdir = str(config.hydra.sweep.subdir)
-        run_dir = sweep_dir / config.hydra.sweep.subdir
+        run_dir = job_dir(config)
         try:
+            runlock.check_free(run_dir)  # a job still running from an earlier launch of this sweep
+            check_working_dir(config)
             train_config = to_train_config(config)
             check_world_size(train_config, planned_world_size(train_config.hardware))
             finished = _finished_here(config, run_dir)
@@ -82,18 +85,25 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
     return jobs
 
 
+def job_dir(config: DictConfig) -> Path:
+    """The run dir of a sweep job whose config plan_jobs composed (sweep dir and subdir resolved)."""
+    return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+
+
 def _finished_here(config: DictConfig, run_dir: Path) -> bool:
-    """Whether run_dir holds a finished run of this config. A run dir of another config (a sweep
-    dir reused with other values) is refused: its checkpoints would be continued or skipped."""
-    from nanogpt.resume import flatten, refuse_changes
+    """Whether run_dir holds a finished run of this config. A job whose run dir holds a run
+    continues it (config becomes that run's config, with the command's RESUMABLE values: a longer
+    max_iters extends it); a run dir of another config (a sweep dir reused with other values) is
+    refused: its checkpoints would be continued or skipped."""
+    from nanogpt.resume import flatten, plan_in_place
 
     if not (run_dir / "config.resolved.yaml").is_file():
         return False
     before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.resolved.yaml"))
+    plan_in_place(config, run_dir, way_out="a sweep dir is finished with the command that started it; for "
+                  "other values, start a new sweep (leave hydra.sweep.dir alone)")
     now = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),
                                  resolve=True, enum_to_str=True)
-    refuse_changes(before, now, run_dir, way_out="a sweep dir is finished with the command that started it; for "
-                   "other values, start a new sweep (leave hydra.sweep.dir alone)")
     return (run_dir / "DONE").is_file() and flatten(before) == flatten(now)
 
 

@@ -515,7 +515,15 @@ def _main(cfg: DictConfig) -> dict:
         return result
 
 
-main = hydra_entrypoint(_main)
+def _plan_without_lock(cfg: DictConfig) -> None:
+    """What `--cfg job` shows goes through the run's own planning (resume, reproduce, a run dir
+    that holds a run), without taking the run dir's lock: a preview writes nothing."""
+    from nanogpt.resume import plan_run
+
+    plan_run(cfg, preview=True)
+
+
+main = hydra_entrypoint(_main, "train", plan=_plan_without_lock)
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt import sweep
+from nanogpt import runlock, sweep
 from nanogpt.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,13 @@ class BasicLauncher(_HydraBasicLauncher):
                 continue
             with open_dict(job.config):
                 job.config.hydra.job.id = job.num
-            returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                   config=job.config, job_dir_key="hydra.sweep.dir",
-                                   job_subdir_key="hydra.sweep.subdir"))
+            lock = runlock.acquire(job.run_dir)  # the job's dir has one live owner, as a single run's
+            try:
+                returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                                       config=job.config, job_dir_key="hydra.sweep.dir",
+                                       job_subdir_key="hydra.sweep.subdir"))
+            finally:
+                lock.release()
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 
@@ -120,7 +124,12 @@ class _Submitit(BaseSubmititLauncher):
         with open_dict(config.hydra.job):
             config.hydra.job.id = submitit.JobEnvironment().job_id
             config.hydra.job.num = job_num
-        quiet_secondary_rank(config, detect().rank)
+        rank = detect().rank
+        quiet_secondary_rank(config, rank)
+        if rank == 0:  # the job's dir has one live owner (held until this process exits), as a single run's
+            from nanogpt.sweep import job_dir
+
+            runlock.hold(job_dir(config))
         return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                        job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
