@@ -156,11 +156,14 @@ class Preflight(Callback):
         self.plan_runs = plan_runs  # nanogpt-train: resume and reproduce pick the run dir and config
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from nanogpt.startup import clock
+
+        clock.mark("interpreter and config")
         with stop_on_error():
+            check_working_dir(config)
             if self.plan_runs:
                 from nanogpt.distributed import detect
 
-            check_working_dir(config)
                 to_train_config(config)  # the command line's own mistakes first
                 env = detect()
                 if env.is_distributed:  # every rank of torchrun/srun runs this: rank 0 decides for all
@@ -176,14 +179,15 @@ class Preflight(Callback):
             check_optimizer(train_config)
             if self.check_data:
                 check_data_and_vocab(train_config)
+        clock.mark("checks and data")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
+            check_working_dir(config)
             train_config = to_train_config(config)
             from nanogpt.distributed import detect
 
             if detect().is_distributed:
-            check_working_dir(config)
                 raise ConfigError(
                     "a sweep (--multirun) cannot run inside torchrun or srun: launch the sweep once, and give each "
                     "job its processes with hardware.nproc_per_node (or the SLURM launcher's tasks)"

@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from nanogpt.cli import PACKAGE_DIR
 
@@ -170,9 +171,13 @@ class RunRecord:
         self._write()
         self._started = time.monotonic()
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str, **this_start: Any) -> None:
+        """Record how the run ended; this_start's fields (e.g. startup_seconds) go to this start's
+        entry: the record itself for the first start, its last `resumes` entry for a later one."""
         wall = round(self._wall_before + time.monotonic() - self._started, 1)
         self.record.update(status=status, end_time=_now(), wall_seconds=wall)
+        (self.record["resumes"][-1] if "resumes" in self.record else self.record).update(
+            {k: v for k, v in this_start.items() if v is not None})
         self._write()
         if status == "done":
             (self.run_dir / "DONE").write_text(self.record["end_time"] + "\n")

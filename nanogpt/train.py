@@ -267,7 +267,16 @@ def all_finite(state_dict: dict) -> bool:
 def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None = None,
           env: DistEnv = DistEnv(), device: str | None = None) -> dict:
     """Train (or continue, from resume_from's checkpoint) and return the final step and losses.
-    With several processes every rank runs this; only rank 0 writes metrics and checkpoints."""
+    With several processes every rank runs this; only rank 0 writes metrics and checkpoints.
+
+    From its first line a stop signal only asks: the loop stops at its next step boundary, also
+    when the signal came during start-up (model, optimizer, first evaluation), and says so."""
+    with StopRequest() as stop:
+        return _train(config, run_dir, data_meta, resolved_config, resume_from, env, device, stop)
+
+
+def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None,
+           env: DistEnv, device: str | None, stop: StopRequest) -> dict:
     import torch
 
     from nanogpt import distributed, rng, sharding
@@ -276,9 +285,13 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     from nanogpt.metrics import Metrics, NoMetrics
     from nanogpt.optim import set_learning_rate
 
+    from nanogpt.startup import clock
+
+    clock.mark("run dir" if clock.phases else "interpreter, config and run dir")
     accum = check_world_size(config, env.world_size)
     global_batch = config.batch_size * env.world_size * accum
     t = build_training(config, data_meta, env, device)
+    clock.mark("model and optimizer")
     hw, raw_model, model, optimizer = t.hw, t.raw_model, t.model, t.optimizer
 
     data_dir = Path(config.data.dir)
@@ -361,72 +374,81 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     last_eval, stopped_by, stop_agreed = {}, None, False
     saved_step = start_step if resume_from is not None else None  # the step of the newest checkpoint
     t_last, steps_since_log = time.perf_counter(), 0
-    with StopRequest() as stop:  # a signal only asks; the loop stops at the next step boundary
-        try:
-            while True:
-                step = progress.step
-                if (step % eval_interval == 0 or step == max_iters or eval_only) and not progress.evaluated:
-                    last_eval = evaluate()
-                    progress.evaluated = True
-                    metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
-                    log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
-                    # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
-                    if step > 0 and not eval_only:
-                        improved = last_eval["val"] < progress.best_val_loss
-                        progress.best_val_loss = min(progress.best_val_loss, last_eval["val"])
-                        if config.save_checkpoints:
-                            save(improved)
-                            saved_step = step
-                    t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
-                if step >= max_iters or eval_only:
-                    break
-                # a single process may stop at once; several stop together, after the step that agreed on it
-                if stop_agreed or (stop.signal is not None and not env.is_distributed):
-                    stopped_by = stop.signal or signal.SIGTERM  # another rank was signalled
-                    if config.save_checkpoints and saved_step != step:
-                        save(improved=False)
+    try:
+        while True:
+            step = progress.step
+            if (step % eval_interval == 0 or step == max_iters or eval_only) and not progress.evaluated:
+                last_eval = evaluate()
+                progress.evaluated = True
+                metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
+                log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
+                # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
+                if step > 0 and not eval_only:
+                    improved = last_eval["val"] < progress.best_val_loss
+                    progress.best_val_loss = min(progress.best_val_loss, last_eval["val"])
+                    if config.save_checkpoints:
+                        save(improved)
                         saved_step = step
-                    where = f"; checkpoint in {checkpoints.path / 'last.pt'}" if saved_step == step else ""
-                    log.info(f"stopped by {stopped_by.name} after step {step}{where}")
-                    break
+                t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
+            if step >= max_iters or eval_only:
+                break
+            # a single process may stop at once; several stop together, after the step that agreed on it
+            if stop_agreed or (stop.signal is not None and not env.is_distributed):
+                stopped_by = stop.signal or signal.SIGTERM  # another rank was signalled
+                if step == start_step:  # the signal came during start-up: a requeue would not get further
+                    clock.mark("first evaluation")
+                    log.warning(
+                        f"stopped by {stopped_by.name} before this start trained a step (start-up: {clock.describe()}): "
+                        f"a job requeued now starts over from step {step}; give it more time before its warning "
+                        f"signal (a longer time limit; docs/sweeps.md, 'Time limits and start-up')")
+                if config.save_checkpoints and saved_step != step:
+                    save(improved=False)
+                    saved_step = step
+                where = f"; checkpoint in {checkpoints.path / 'last.pt'}" if saved_step == step else ""
+                log.info(f"stopped by {stopped_by.name} after step {step}{where}")
+                break
 
-                lr = set_learning_rate(optimizer, step, optim_cfg)
-                try:
-                    result = optimizer_step(t, train_batches, batch, accum, grad_clip, on_nonfinite, stop.signal is not None)
-                except NonFiniteStep as e:
-                    last = f"the last checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved"
-                    raise NonFiniteStep(
-                        f"step {step + 1}: {e} (the step was not applied; {last}): lower optim.lr or raise "
-                        f"optim.warmup_iters, or set on_nonfinite=skip to skip such steps"
-                    ) from None
-                batch, stop_agreed = result.next_batch, result.stop
-                progress.step += 1
-                progress.evaluated = False
-                steps_since_log += 1
-                if not result.applied:
-                    progress.skipped_steps += 1
-                    # fp16's scaler skips overflowing steps as a matter of course while it finds its scale
-                    (log.debug if t.scaler.is_enabled() else log.warning)(
-                        f"step {progress.step}: non-finite loss or gradient, step skipped "
-                        f"({progress.skipped_steps} skipped so far)")
+            if step == start_step:
+                clock.mark("first evaluation")
+                log.info(f"start-up: {clock.describe()}; training starts")
+            lr = set_learning_rate(optimizer, step, optim_cfg)
+            try:
+                result = optimizer_step(t, train_batches, batch, accum, grad_clip, on_nonfinite, stop.signal is not None)
+            except NonFiniteStep as e:
+                last = f"the last checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved"
+                raise NonFiniteStep(
+                    f"step {step + 1}: {e} (the step was not applied; {last}): lower optim.lr or raise "
+                    f"optim.warmup_iters, or set on_nonfinite=skip to skip such steps"
+                ) from None
+            batch, stop_agreed = result.next_batch, result.stop
+            progress.step += 1
+            progress.evaluated = False
+            steps_since_log += 1
+            if not result.applied:
+                progress.skipped_steps += 1
+                # fp16's scaler skips overflowing steps as a matter of course while it finds its scale
+                (log.debug if t.scaler.is_enabled() else log.warning)(
+                    f"step {progress.step}: non-finite loss or gradient, step skipped "
+                    f"({progress.skipped_steps} skipped so far)")
 
-                if progress.step % log_interval == 0 or progress.step == max_iters:
-                    train_loss = float(all_ranks_sum(result.loss.clone())) / env.world_size
-                    now = time.perf_counter()
-                    dt = (now - t_last) / steps_since_log
-                    t_last, steps_since_log = now, 0
-                    mfu = flops_per_step / dt / hw.peak_flops
-                    metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(result.grad_norm),
-                                skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
-                                tokens_per_s=tokens_per_step / dt, mfu=mfu)
-                    log.info(
-                        f"iter {progress.step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
-                        f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
-                    )
-        finally:
-            metrics.close()
+            if progress.step % log_interval == 0 or progress.step == max_iters:
+                train_loss = float(all_ranks_sum(result.loss.clone())) / env.world_size
+                now = time.perf_counter()
+                dt = (now - t_last) / steps_since_log
+                t_last, steps_since_log = now, 0
+                mfu = flops_per_step / dt / hw.peak_flops
+                metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(result.grad_norm),
+                            skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
+                            tokens_per_s=tokens_per_step / dt, mfu=mfu)
+                log.info(
+                    f"iter {progress.step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
+                    f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                )
+    finally:
+        metrics.close()
 
-    result = {"step": progress.step, "stopped_by": stopped_by, **{f"{k}_loss": v for k, v in last_eval.items()}}
+    result = {"step": progress.step, "stopped_by": stopped_by, "startup_seconds": clock.seconds(),
+              **{f"{k}_loss": v for k, v in last_eval.items()}}
     if stopped_by is None and progress.step > 0 and not eval_only:
         result["best_val_loss"] = progress.best_val_loss
         if progress.step == start_step:
@@ -505,13 +527,14 @@ def _main(cfg: DictConfig) -> dict:
             if record:
                 record.finish("preempted" if interrupted(e) else "failed")
             raise
+        startup = result.get("startup_seconds")  # None if the run was stopped before it measured it
         if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
             if record:
-                record.finish("preempted")
+                record.finish("preempted", startup_seconds=startup)
             hand_over(result["stopped_by"])  # in a submitit job: requeue it (exits)
             sys.exit(128 + int(result["stopped_by"]))
         if record:
-            record.finish("done")
+            record.finish("done", startup_seconds=startup)
         return result
 
 

@@ -23,7 +23,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt import runlock, sweep
+from nanogpt import runlock, startup, sweep
 from nanogpt.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class BasicLauncher(_HydraBasicLauncher):
             with open_dict(job.config):
                 job.config.hydra.job.id = job.num
             lock = runlock.acquire(job.run_dir)  # the job's dir has one live owner, as a single run's
+            startup.clock.restart()  # each job's start-up is its own
             try:
                 returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                        config=job.config, job_dir_key="hydra.sweep.dir",
