@@ -144,6 +144,9 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
+            from nanogpt.sweep import refuse_in_a_single_run
+
+            refuse_in_a_single_run(config)
             if self.plan_runs:
                 from nanogpt.distributed import detect
 
@@ -165,6 +168,10 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
+            from nanogpt.sweep import check_site, refuse_swept_command_choices
+
+            refuse_swept_command_choices(config)
+            check_site(config)
             train_config = to_train_config(config)
             from nanogpt.distributed import detect
 
