@@ -23,7 +23,7 @@ def start_sweep(cwd: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subp
     return start(cwd, *flags, "--multirun", "launcher=slurm", *overrides)
 
 
-def wait_for(what: str, condition, sweep: subprocess.Popen, timeout: float = 120):
+def wait_for(what: str, condition, sweep: subprocess.Popen, timeout: float = 300):  # a bound for a busy machine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()

@@ -150,14 +150,14 @@ def test_rerunning_a_sweep_with_a_killed_job_completes_only_that_job(tmp_path):
     sweep = ["--multirun", "launcher=submitit_local", "max_iters=400,1200", "eval_interval=100", *TINY,
              *data_args(tmp_path)]
     process = start(tmp_path, *sweep)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a bound on a busy machine, not a speed the test asserts
     victim = None
     while time.monotonic() < deadline and victim is None:
         found = list((tmp_path / "multirun").glob("*/*/1/checkpoints/step-00000200.pt"))
         if found:
             victim = found[0].parents[1]
         time.sleep(0.05)
-    assert victim is not None, "job 1 saved no checkpoint in 120 s"
+    assert victim is not None, "job 1 saved no checkpoint in 300 s"
     os.kill(provenance(victim)["pid"], signal.SIGKILL)  # the job's own process
     _, stderr = process.communicate(timeout=300)
     sweep_dir = victim.parent
