@@ -11,6 +11,9 @@ launchers (hydra-submitit-launcher), each with what a research sweep needs on to
   sweeper writes multirun.yaml first), and takes them back if the submission fails.
 - Choices that belong to the whole command (the launcher, the site, the sweep preset, Hydra's
   launcher and sweeper) cannot be swept, and without --multirun they are refused: they would do nothing.
+- Sites. A site file (partition, account, ... of a cluster) is an option of the group `site`, found
+  in the package's conf/site/ and in the user's dirs (site_dirs), so a wheel install reads them
+  too; a site the command names must exist (the SLURM presets read the default one optionally).
 - One summary. However a job ends (done, refused, failed with an error, killed, cancelled, out of
   requeues), the sweep waits for all of them and ends with one line naming each job that did not
   finish, why, its log, and the command that finishes the sweep.
@@ -332,14 +335,15 @@ class Outcome:
         ret = self.returned
         if ret is not None and ret.status == JobStatus.COMPLETED:
             return None
+        error = ret._return_value if ret is not None else self.error
+        # submitit raises this from its signal handler: inside the run, or during the job's start-up
+        if out_of_requeues(error) or "timed-out too many times" in str(self.error or ""):
+            return (f"ran out of requeues: it reached its time limit once more than max_num_timeout allows ({limits}); "
+                    f"to go on, add a larger hydra.launcher.max_num_timeout (or timeout_min) to the command "
+                    f"that finishes the sweep: the job continues from its checkpoint")
         if ret is not None:
-            error = ret._return_value
             if isinstance(error, UserError):  # refused at its start, or stopped with a message (a NaN loss)
                 return f"ended with an error: {str(error).rstrip('.')}"
-            if out_of_requeues(error):
-                return (f"ran out of requeues: it reached its time limit once more than max_num_timeout allows ({limits}); "
-                        f"to go on, add a larger hydra.launcher.max_num_timeout (or timeout_min) to the command "
-                        f"that finishes the sweep: the job continues from its checkpoint")
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             return f"failed with {type(error).__name__}{': ' + first if first else ''}"
         if type(self.error).__name__ == "FailedJobError":  # its message holds the job's traceback between rules
