@@ -84,8 +84,8 @@ def refuse_in_a_single_run(config: DictConfig) -> None:
 
 
 def site_dirs() -> list[Path]:
-    """Where a user's site files (conf/site/NAME.yaml: partition, account, ... of their cluster) are
-    found besides the package's own conf/site/, the later winning: ~/.config/nanogpt/site/ (or
+    """Where a user's site files (NAME.yaml: partition, account, ... of their cluster) are found
+    besides the package's own conf/site/, the later winning: ~/.config/nanogpt/site/ (or
     $XDG_CONFIG_HOME/nanogpt/site/), then ./conf/site/ in the working dir. An installed package's
     own conf/ is inside site-packages, where no user writes."""
     import os
