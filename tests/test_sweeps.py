@@ -486,6 +486,7 @@ def test_without_slurms_commands_a_slurm_sweep_is_one_line(tmp_path):
                                  "use launcher=submitit_local")
 
 
+@pytest.mark.slow
 def test_with_no_slurm_controller_to_reach_a_slurm_sweep_is_one_line_and_leaves_nothing(tmp_path):
     """Real sbatch, with a slurm.conf whose controller does not answer (nothing listens on its port)."""
     import shutil
@@ -509,6 +510,7 @@ def test_with_no_slurm_controller_to_reach_a_slurm_sweep_is_one_line_and_leaves_
                                  "failed: Unable to contact slurm controller", "nothing was submitted")
 
 
+@pytest.mark.slow
 def test_a_sweep_refused_for_its_data_leaves_nothing(tmp_path):
     """The data is checked for every job before the sweep dir exists (it was checked in each job,
     after its run dir and log were made)."""
