@@ -41,13 +41,14 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     from nanogpt.config import register_schemas
-    from nanogpt.sweep import register_resolvers
+    from nanogpt.sweep import register_resolvers, register_sites
 
     register_schemas()
     # run dirs are named by time and pid: two runs started in the same second never share one
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", os.getpid)
     register_resolvers()
+    register_sites()
     cs = ConfigStore.instance()
     for path in sorted(experiments_dir().glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
@@ -241,7 +242,9 @@ def hydra_entrypoint(task: Callable[[], None], config_name: str | None = None,
         except (UserError, HydraException) as e:  # composition errors are HydraExceptions
             if user_wants_traceback:
                 raise
-            exit_with_error(e)
+            from nanogpt.sweep import site_needs_slurm
+
+            exit_with_error(site_needs_slurm(e) or e)
         finally:
             if not user_wants_traceback:
                 os.environ.pop("HYDRA_FULL_ERROR", None)

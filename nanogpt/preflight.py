@@ -160,7 +160,10 @@ class Preflight(Callback):
 
         clock.mark("interpreter and config")
         with stop_on_error():
+            from nanogpt.sweep import refuse_in_a_single_run
+
             check_working_dir(config)
+            refuse_in_a_single_run(config)
             if self.plan_runs:
                 from nanogpt.distributed import detect
 
@@ -183,7 +186,11 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
+            from nanogpt.sweep import check_site, refuse_swept_command_choices
+
             check_working_dir(config)
+            refuse_swept_command_choices(config)
+            check_site(config)
             train_config = to_train_config(config)
             from nanogpt.distributed import detect
 

@@ -5,7 +5,18 @@ launchers (hydra-submitit-launcher), each with what a research sweep needs on to
   runs that config: Hydra's own launchers compose each job again when it starts, so an edit of
   conf/ made while jobs wait in the queue (or before a requeue) would leak into them.
 - Bad jobs are named before any runs: each job's config goes through the same checks as a single
-  run's, and a SLURM array, which has one set of resources, refuses jobs that need different ones.
+  run's (config, init_from, optimizer, data and vocab), and a SLURM array, which has one set of
+  resources, refuses jobs that need different ones. A sweep refused before it runs leaves nothing:
+  the launcher makes the sweep dir and its multirun.yaml only once every job passed (Hydra's own
+  sweeper writes multirun.yaml first), and takes them back if the submission fails.
+- Choices that belong to the whole command (the launcher, the site, the sweep preset, Hydra's
+  launcher and sweeper) cannot be swept, and without --multirun they are refused: they would do nothing.
+- Sites. A site file (partition, account, ... of a cluster) is an option of the group `site`, found
+  in the package's conf/site/ and in the user's dirs (site_dirs), so a wheel install reads them
+  too; a site the command names must exist (the SLURM presets read the default one optionally).
+- One summary. However a job ends (done, refused, failed with an error, killed, cancelled, out of
+  requeues), the sweep waits for all of them and ends with one line naming each job that did not
+  finish, why, its log, and the command that finishes the sweep.
 - Sweep resume. A job whose run dir already holds a finished run (DONE) of the same config is
   skipped; the others continue from their checkpoints (resume=auto). Re-running the command with
   hydra.sweep.dir=<the sweep's dir> therefore finishes a sweep that was cut short.
@@ -20,15 +31,17 @@ the run saves first), where resume=auto continues it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt.config import ConfigError
+from nanogpt.config import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,100 @@ def gpus_per_node(device: str, nproc_per_node: int) -> int | None:
     return None if name in ("cpu", "mps") else int(nproc_per_node)
 
 
+# Choices that belong to the whole command, not to one job: what runs the jobs (and where), and
+# which sweep it is. Swept, every job would get its own value and the launcher would use one; in
+# a single run (no --multirun) they do nothing.
+COMMAND_GROUPS = ("sweep", "launcher", "site", "hydra/launcher", "hydra/sweeper")
+COMMAND_KEYS = ("hydra.launcher.", "hydra.sweeper.", "hydra.sweep.")
+
+
+def _command_overrides(config: DictConfig) -> list:
+    """The command line's overrides of COMMAND_GROUPS and COMMAND_KEYS, parsed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [*config.hydra.overrides.hydra, *config.hydra.overrides.task]
+    return [o for o in OverridesParser.create().parse_overrides(given)
+            if o.key_or_group in COMMAND_GROUPS or o.key_or_group.startswith(COMMAND_KEYS)]
+
+
+def refuse_in_a_single_run(config: DictConfig) -> None:
+    """sweep=, launcher=, site= and the launcher's settings do nothing without --multirun."""
+    for o in _command_overrides(config):
+        if o.key_or_group == "hydra.sweep.dir" or o.key_or_group.startswith("hydra.sweep.subdir"):
+            continue  # harmless, and `nanogpt-report`'s finish command may carry it
+        raise ConfigError(f"{o.input_line} sets how the jobs of a sweep run, and without --multirun this command "
+                          f"runs one job here: add --multirun (-m), or drop {o.input_line}")
+
+
+def site_dirs() -> list[Path]:
+    """Where a user's site files (NAME.yaml: partition, account, ... of their cluster) are found
+    besides the package's own conf/site/, the later winning: ~/.config/nanogpt/site/ (or
+    $XDG_CONFIG_HOME/nanogpt/site/), then ./conf/site/ in the working dir. An installed package's
+    own conf/ is inside site-packages, where no user writes."""
+    import os
+
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [config_home / "nanogpt" / "site", Path("conf") / "site"]
+
+
+def register_sites() -> None:
+    """Every site file of site_dirs() as an option of the group `site` (package hydra.launcher, as
+    conf/site/example.yaml says), so that site=NAME finds it in a checkout and from a wheel alike."""
+    from hydra.core.config_store import ConfigStore
+
+    from nanogpt.cli import config_dir
+
+    shipped = {path.stem for path in (config_dir() / "site").glob("*.yaml")}  # found anyway, and they win
+    for folder in site_dirs():
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            if path.stem in shipped:
+                continue
+            ConfigStore.instance().store(group="site", name=path.stem, node=OmegaConf.load(path),
+                                         package="hydra.launcher", provider=str(folder))
+
+
+def check_site(config: DictConfig) -> None:
+    """A site the command names exists: Hydra skips an optional config that is missing, and the
+    SLURM presets read the site optionally (conf/site/local.yaml need not exist)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    named = [o for o in _command_overrides(config) if o.key_or_group == "site"]
+    if not named:
+        return
+    site = config.hydra.runtime.choices.get("site")
+    sites = GlobalHydra.instance().config_loader().get_group_options("site")
+    if site not in sites:
+        where = ", ".join(["the package's conf/site/", *(f"{d}/" for d in site_dirs())])
+        raise ConfigError(f"site={site} names no site file: the sites are {', '.join(sites)} (from {where}); "
+                          f"check the spelling, or write {site}.yaml in one of those dirs (see conf/site/example.yaml)")
+
+
+def site_needs_slurm(error: BaseException) -> UserError | None:
+    """Hydra's answer to site=NAME with a launcher that has no site (launcher=local or
+    submitit_local) suggests +site=NAME, which fails again: say what a site is for instead."""
+    import re
+
+    if "Could not override 'site'" not in str(error):
+        return None
+    given = re.search(r"\+(site=\S+)", str(error))
+    site = given.group(1) if given else "site=NAME"
+    return ConfigError(f"{site} sets where SLURM jobs go (partition, account, ...), and only launcher=slurm and "
+                       f"launcher=preemptible submit to SLURM: add launcher=slurm, or drop {site}")
+
+
+def refuse_swept_command_choices(config: DictConfig) -> None:
+    """One sweep has one launcher, one site and one preset: a list of them is refused."""
+    for o in _command_overrides(config):
+        if not o.is_sweep_override():
+            continue
+        key = o.key_or_group
+        if key == "sweep":
+            fix = "give one preset (sweep=NAME), and list more values on the command line (optim.lr=1e-3,3e-3)"
+        else:
+            fix = f"give one value, and run one sweep per {key}"
+        raise ConfigError(f"{o.input_line} sweeps {key}, which belongs to the whole command, not to one job: {fix}")
+
+
 @dataclass
 class SweepJob:
     num: int  # hydra.job.num: the job's subdir of the sweep dir
@@ -56,38 +163,69 @@ class SweepJob:
 
 def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]],
               initial_job_idx: int) -> list[SweepJob]:
-    """Compose and check every job of the sweep now, and find the ones already finished."""
+    """Compose and check the config of every job of the sweep now, and find the ones already
+    finished. (check_jobs then makes the checks that read files.)"""
     from nanogpt import runlock
-    from nanogpt.preflight import check_working_dir, to_train_config
-    from nanogpt.config import UserError, check_world_size
+    from nanogpt.config import check_world_size
     from nanogpt.distributed import planned_world_size
+    from nanogpt.preflight import check_working_dir, to_train_config
 
     sweep_dir = Path(str(master.hydra.sweep.dir))
     jobs = []
     for i, overrides in enumerate(job_overrides):
         num = initial_job_idx + i
-        what = f"job {num} ({' '.join(filter_overrides(overrides)) or 'no overrides'})"
         config = config_loader.load_sweep_config(master, list(overrides))
         with open_dict(config):
             config.hydra.job.num = num
             config.hydra.sweep.dir = str(sweep_dir)  # resolved once: ${now:} is the launch's time
             config.hydra.sweep.subdir = str(config.hydra.sweep.subdir)
         run_dir = job_dir(config)
-        try:
+        job = SweepJob(num, list(overrides), config, run_dir, finished=False)
+        with naming(job):
             runlock.check_free(run_dir)  # a job still running from an earlier launch of this sweep
             check_working_dir(config)
             train_config = to_train_config(config)
             check_world_size(train_config, planned_world_size(train_config.hardware))
-            finished = _finished_here(config, run_dir)
-        except UserError as e:
-            raise ConfigError(f"{what}: {e}") from e
-        jobs.append(SweepJob(num, list(overrides), config, run_dir, finished))
+            job.finished = _finished_here(config, run_dir)
+        jobs.append(job)
     return jobs
 
 
 def job_dir(config: DictConfig) -> Path:
     """The run dir of a sweep job whose config plan_jobs composed (sweep dir and subdir resolved)."""
     return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+
+
+def check_jobs(jobs: list[SweepJob], on_this_machine: bool) -> None:
+    """The rest of a single run's checks (nanogpt/preflight.py) for every job that will run:
+    init_from, the optimizer, data and vocab (preparing the data if it is missing), and the device
+    where the jobs run on this machine (a SLURM job's GPUs are on its node, not on the login node)."""
+    from nanogpt import preflight
+
+    for job in jobs:
+        if job.finished:
+            continue
+        with naming(job):
+            train_config = preflight.to_train_config(job.config)
+            preflight.check_init_from(train_config)
+            preflight.check_optimizer(train_config)
+            if on_this_machine:
+                preflight.check_hardware(train_config)
+            if job.config.hydra.callbacks.preflight.get("check_data", True):
+                preflight.check_data_and_vocab(train_config)
+
+
+def describe(job: SweepJob) -> str:
+    return f"job {job.num} ({' '.join(filter_overrides(job.overrides)) or 'no overrides'})"
+
+
+@contextlib.contextmanager
+def naming(job: SweepJob) -> Iterator[None]:
+    """A job's user mistake, with the job named in front of it."""
+    try:
+        yield
+    except UserError as e:
+        raise ConfigError(f"{describe(job)}: {e}") from e
 
 
 def _finished_here(config: DictConfig, run_dir: Path) -> bool:
@@ -124,18 +262,140 @@ def in_job_order(jobs: list[SweepJob], launched: Sequence[JobReturn]) -> list[Jo
     return [skipped(job) if job.finished else next(launched) for job in jobs]
 
 
-def check_all_finished(sweep_dir: Path, outcomes: list[tuple[SweepJob, BaseException | None, Path]]) -> None:
-    """After every job of the sweep ended: one line on the jobs that failed, and how to finish."""
-    from nanogpt.config import UserError
+def make_sweep_dir(config: DictConfig) -> Path:
+    """The sweep dir, with Hydra's multirun.yaml (the sweep's command and config): made by the
+    launcher once every job passed its checks."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in config.hydra.sweep:
+        sweep_dir.chmod(int(str(config.hydra.sweep.mode), 8))
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    return sweep_dir
+
+
+@contextlib.contextmanager
+def sweep_dir_made(config: DictConfig) -> Iterator[Path]:
+    """make_sweep_dir, for a launcher that may still be refused after it (sbatch says no): on a
+    UserError in the block, before any job ran, what was made is taken back."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    top = sweep_dir.absolute()  # the first dir this makes: removed whole on a refusal
+    while not top.parent.exists():
+        top = top.parent
+    made = not top.exists()
+    earlier = (sweep_dir / "multirun.yaml").read_bytes() if (sweep_dir / "multirun.yaml").is_file() else None
+    before = set(sweep_dir.rglob("*")) if sweep_dir.exists() else set()
+    make_sweep_dir(config)
+    try:
+        yield sweep_dir
+    except UserError:
+        if made:
+            shutil.rmtree(top, ignore_errors=True)
+        else:  # a rerun into a sweep dir: what it held stays as it was
+            for path in sorted(set(sweep_dir.rglob("*")) - before, reverse=True):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if earlier is None:
+                (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+            else:
+                (sweep_dir / "multirun.yaml").write_bytes(earlier)
+        raise
+
+
+def run_one(job: SweepJob, run: Callable[[], JobReturn]) -> JobReturn:
+    """Run one job of the sweep (run: Hydra's run_job) and return how it ended, never raising for
+    a job's own failure, so the sweep goes on with its other jobs and names this one at the end.
+    A user mistake the job refused ends it with its one line and status 2 (nanogpt.cli.user_errors),
+    as a single run; that SystemExit is raised while handling the UserError, its __context__."""
+    try:
+        ret = run()
+    except SystemExit as e:
+        if not isinstance(e.__context__, UserError):
+            raise  # not a refusal: e.g. submitit's own exit after it requeued the job
+        ret = JobReturn(overrides=job.overrides, cfg=job.config, working_dir=str(job.run_dir), status=JobStatus.FAILED)
+        ret.return_value = e.__context__
+    if ret.status == JobStatus.FAILED and not isinstance(ret._return_value, UserError) and not out_of_requeues(ret._return_value):
+        error = ret._return_value  # a bug: Hydra caught it without a word; its traceback goes to the job's log
+        log.error(f"{describe(job)} failed", exc_info=(type(error), error, error.__traceback__))
+    return ret
+
+
+def out_of_requeues(error: BaseException | None) -> bool:
+    """submitit's word for a job that reached its time limit with no requeue left."""
+    return type(error).__name__ == "UncompletedJobError" and "timed-out too many times" in str(error)
+
+
+@dataclass
+class Outcome:
+    """How one launched job ended: what it returned (None: it ended without returning: killed,
+    cancelled, out of memory), the scheduler's last state of it, and where its output went."""
+
+    job: SweepJob
+    returned: JobReturn | None
+    state: str = ""  # submitit's job state: SLURM's (CANCELLED, OUT_OF_MEMORY, ...) or the local one (INTERRUPTED)
+    scheduler_log: Path | None = None  # submitit's stderr of the job
+    error: BaseException | None = None  # submitit's: an exception raised in the job outside its run
+
+    @property
+    def log(self) -> Path | None:
+        """The job's own train.log if it got that far, else the scheduler's log of it."""
+        train_log = self.job.run_dir / "train.log"
+        return train_log if train_log.is_file() else self.scheduler_log
+
+    def why(self, limits: str = "") -> str | None:
+        """Why the job did not finish, in words; None: it finished."""
+        ret = self.returned
+        if ret is not None and ret.status == JobStatus.COMPLETED:
+            return None
+        error = ret._return_value if ret is not None else self.error
+        # submitit raises this from its signal handler: inside the run, or during the job's start-up
+        if out_of_requeues(error) or "timed-out too many times" in str(self.error or ""):
+            return (f"ran out of requeues: it reached its time limit once more than max_num_timeout allows ({limits}); "
+                    f"to go on, add a larger hydra.launcher.max_num_timeout (or timeout_min) to the command "
+                    f"that finishes the sweep: the job continues from its checkpoint")
+        if ret is not None:
+            if isinstance(error, UserError):  # refused at its start, or stopped with a message (a NaN loss)
+                return f"ended with an error: {str(error).rstrip('.')}"
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            return f"failed with {type(error).__name__}{': ' + first if first else ''}"
+        if type(self.error).__name__ == "FailedJobError":  # its message holds the job's traceback between rules
+            trace = [line for line in str(self.error).split("-" * 22)[1].splitlines() if line.strip()] \
+                if str(self.error).count("-" * 22) >= 2 else []
+            return f"failed with {trace[-1].strip() if trace else 'an error'}"
+        state = self.state.strip()
+        if state.startswith("CANCELLED"):
+            return f"was cancelled ({state})"
+        known = {  # SLURM's word for how it ended (sacct), where it has one
+            "OUT_OF_MEMORY": "ran out of memory (OUT_OF_MEMORY): give it more with hydra.launcher.mem_gb",
+            "TIMEOUT": f"was killed at its time limit before it could save (TIMEOUT; {limits}): raise "
+                       f"hydra.launcher.signal_delay_s or timeout_min",
+            "NODE_FAIL": "lost its node (NODE_FAIL)",
+            "PREEMPTED": "was preempted and not requeued (PREEMPTED): launcher=preemptible requeues such jobs",
+            "INTERRUPTED": "was killed by a signal",  # submitit_local: the job's controller ended on a signal
+        }
+        if state in known:
+            return known[state]
+        # submitit_local's controller ends normally whatever killed the job: the run's own record tells
+        from nanogpt.provenance import _read_json
+
+        run = (_read_json(self.job.run_dir / "provenance.json") or {}).get("status")
+        if run == "running":
+            return "was killed while it ran (by a signal such as SIGKILL, or the out-of-memory killer): its run recorded no end"
+        if run == "preempted":
+            return "stopped on a signal after saving a checkpoint, and was not requeued"
+        return f"crashed without a result ({state or 'no state'}{'; its run: ' + run if run else ''})"
+
+
+def check_all_finished(sweep_dir: Path, outcomes: list[Outcome], limits: str = "") -> None:
+    """After every job of the sweep ended: one line on the jobs that did not finish, why, their
+    logs, and the command that finishes the sweep."""
     from nanogpt.report import resume_command
 
-    failed = [(job, log_file) for job, error, log_file in outcomes if error is not None]
+    failed = [(o, why) for o in outcomes if (why := o.why(limits)) is not None]
     if not failed:
         return
-    names = "; ".join(f"job {job.num} ({' '.join(filter_overrides(job.overrides))}), its log: {log_file}"
-                      for job, log_file in failed)
+    names = "; ".join(f"{describe(o.job)} {why}, its log: {o.log}" for o, why in failed)
+    others = "; the others finished" if len(failed) < len(outcomes) else ""
     command = resume_command(sweep_dir)
-    raise UserError(f"{len(failed)} of {len(outcomes)} jobs failed: {names}; the others finished"
+    raise UserError(f"{len(failed)} of {len(outcomes)} jobs failed: {names}{others}"
                     + (f"; to finish the sweep: {command} (it skips the jobs that finished)" if command else ""))
 
 

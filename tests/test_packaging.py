@@ -53,6 +53,16 @@ def test_experiments_work_from_an_installed_wheel(tmp_path):
     assert "\t\tSubmititLocalLauncher" in plugins.stdout  # only ours has this name
     assert "nanogpt_launchers" in plugins.stdout  # in the plugins' import times
 
+    # the user's site file in the working dir is read from the wheel too (docs/sweeps.md)
+    (elsewhere / "conf" / "site").mkdir(parents=True)
+    (elsewhere / "conf" / "site" / "local.yaml").write_text("# @package hydra.launcher\npartition: ours\n")
+    site = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv[0] = 'nanogpt-train'; from nanogpt.train import main; main()",
+         "launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher.partition"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert site.returncode == 0 and site.stdout.strip() == "ours", site.stderr
+
 
 def test_console_scripts_are_installed():
     bindir = os.path.dirname(sys.executable)

@@ -23,7 +23,7 @@ def start_sweep(cwd: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subp
     return start(cwd, *flags, "--multirun", "launcher=slurm", *overrides)
 
 
-def wait_for(what: str, condition, sweep: subprocess.Popen, timeout: float = 120):
+def wait_for(what: str, condition, sweep: subprocess.Popen, timeout: float = 300):  # a bound for a busy machine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -139,3 +139,27 @@ def test_editing_a_config_after_submission_does_not_change_what_a_queued_job_run
     for job in ("0", "1"):
         assert OmegaConf.load(sweep_dir / job / "config.resolved.yaml").optim.lr == 0.001
         assert OmegaConf.load(sweep_dir / job / ".hydra" / "config.yaml").optim.lr == 0.001
+
+
+def test_a_cancelled_job_is_named_in_the_sweeps_summary_and_the_other_job_finishes(slurm_cluster, tmp_path):
+    """scancel of one task of the array: that job saves and ends (SLURM: CANCELLED), the other
+    finishes, and the sweep ends with its one-line summary rather than submitit's traceback."""
+    require_shakespeare()
+    sweep = start_sweep(tmp_path, "max_iters=100000,4", "eval_interval=100", *TINY, *data_args(tmp_path))
+    try:
+        checkpoint = wait_for("job 0's first checkpoint",
+                              lambda: next(iter(tmp_path.glob("multirun/*/*/0/checkpoints/step-*.pt")), None), sweep)
+        sweep_dir = checkpoint.parents[2]
+        subprocess.run(["scancel", f"{array_job_id(sweep_dir)}_0"], check=True)
+        _, stderr = sweep.communicate(timeout=300)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            subprocess.run(["scancel", "--name=train"], capture_output=True)
+    assert sweep.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: 1 of 2 jobs failed: job 0 (launcher=slurm max_iters=100000 "), line
+    assert ") was cancelled (CANCELLED" in line
+    assert f"its log: {(sweep_dir / '0' / 'train.log').relative_to(tmp_path)}; the others finished" in line
+    assert "; to finish the sweep: nanogpt-train --multirun launcher=slurm max_iters=100000,4 " in line
+    assert (sweep_dir / "1" / "DONE").is_file() and provenance(sweep_dir / "0")["status"] == "preempted"

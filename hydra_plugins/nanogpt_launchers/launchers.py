@@ -6,14 +6,18 @@ launcher classes only from the hydra_plugins package; conf/launcher/*.yaml selec
 
 # no `from __future__ import annotations`: Hydra imports plugin modules without registering them in
 # sys.modules, where dataclasses look string annotations up
+import contextlib
 import copy
+import io
 import logging
-import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher as _HydraBasicLauncher
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides, run_job, setup_globals
@@ -24,9 +28,36 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt import runlock, startup, sweep
-from nanogpt.config import ConfigError
+from nanogpt.cli import user_errors
+from nanogpt.config import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+
+
+class Sweeper(BasicSweeper):
+    """Hydra's basic sweeper (the product of the listed values), except that our launchers make the
+    sweep dir and write multirun.yaml once every job passed its checks: Hydra's writes it first,
+    so a sweep refused before it ran left a sweep dir, or rewrote a finished sweep's record."""
+
+    def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]),
+                                              self.max_batch_size)
+        ours = isinstance(self.launcher, (BasicLauncher, _Submitit))
+        returns = []
+        initial_job_idx = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            if not ours:  # another launcher (hydra/launcher=...) gets Hydra's way
+                self.validate_batch_is_legal(batch)
+                Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+                OmegaConf.save(self.config, Path(str(self.config.hydra.sweep.dir)) / "multirun.yaml")
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)  # ours compose and check each job
+            for r in results:
+                _ = r.return_value  # another launcher's failed job raises here, as in Hydra
+            initial_job_idx += len(batch)
+            returns.append(results)
+        return returns
 
 
 class BasicLauncher(_HydraBasicLauncher):
@@ -37,26 +68,31 @@ class BasicLauncher(_HydraBasicLauncher):
 
         setup_globals()
         jobs = sweep.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        sweep.check_jobs(jobs, on_this_machine=True)
+        sweep_dir = sweep.make_sweep_dir(self.config)
         log.info(f"Launching {sum(not j.finished for j in jobs)} of {len(jobs)} jobs locally")
-        returns = []
+        outcomes = []
         for job in jobs:
             sweep.log_job(job)
             if job.finished:
-                returns.append(sweep.skipped(job))
                 continue
             with open_dict(job.config):
                 job.config.hydra.job.id = job.num
-            lock = runlock.acquire(job.run_dir)  # the job's dir has one live owner, as a single run's
-            startup.clock.restart()  # each job's start-up is its own
-            try:
-                returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                       config=job.config, job_dir_key="hydra.sweep.dir",
-                                       job_subdir_key="hydra.sweep.subdir"))
-            finally:
-                lock.release()
+
+            def run_locked(job=job) -> JobReturn:
+                with user_errors():  # a dir still owned by a live process is this job's refusal
+                    lock = runlock.acquire(job.run_dir)  # the job's dir has one live owner, as a single run's
+                startup.clock.restart()  # each job's start-up is its own
+                try:
+                    return run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                                   config=job.config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+                finally:
+                    lock.release()
+
+            outcomes.append(sweep.Outcome(job, sweep.run_one(job, run_locked)))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return returns
+        sweep.check_all_finished(sweep_dir, outcomes)
+        return sweep.in_job_order(jobs, [o.returned for o in outcomes])
 
 
 class _Submitit(BaseSubmititLauncher):
@@ -78,26 +114,36 @@ class _Submitit(BaseSubmititLauncher):
         })
         return executor
 
+    on_this_machine = True  # the jobs run here: their device is checked at launch
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         jobs = sweep.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
         self._check_resources(jobs)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        sweep.check_jobs(jobs, on_this_machine=self.on_this_machine)
         todo = [job for job in jobs if not job.finished]
-        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir: {sweep_dir} ({len(todo)} of {len(jobs)} jobs to run)")
-        for job in jobs:
-            sweep.log_job(job)
-        if not todo:
-            return sweep.in_job_order(jobs, [])
-        state = Singleton.get_state()
-        params = [(job.overrides, "hydra.sweep.dir", job.num, f"job_id_for_{job.num}", state, job.config) for job in todo]
-        submitted = self.executor().map_array(self, *zip(*params))
-        for job in submitted:  # all of them, even after one failed: the jobs of a sweep are independent
-            job.wait()
-        sweep.check_all_finished(sweep_dir, [(job, j.exception(), j.paths.stderr) for job, j in zip(todo, submitted)])
-        return sweep.in_job_order(jobs, [j.results()[0] for j in submitted])
+        with sweep.sweep_dir_made(self.config) as sweep_dir:
+            log.info(f"Submitit '{self._EXECUTOR}' sweep output dir: {sweep_dir} ({len(todo)} of {len(jobs)} jobs to run)")
+            for job in jobs:
+                sweep.log_job(job)
+            if not todo:
+                return sweep.in_job_order(jobs, [])
+            state = Singleton.get_state()
+            params = [(job.overrides, "hydra.sweep.dir", job.num, f"job_id_for_{job.num}", state, job.config) for job in todo]
+            submitted = self.submit(params)
+        outcomes = []
+        for job, submission in zip(todo, submitted):  # all of them, even after one failed: the jobs are independent
+            error = submission.exception()  # waits for it; an error outside the job's run (None: it returned)
+            returned = submission.results()[0] if error is None else None
+            outcomes.append(sweep.Outcome(job, returned, state=submission.state if returned is None else "",
+                                          scheduler_log=submission.paths.stderr, error=error))
+        sweep.check_all_finished(sweep_dir, outcomes, limits=self._limits())
+        return sweep.in_job_order(jobs, [o.returned for o in outcomes])
+
+    def submit(self, params: list) -> list:
+        return self.executor().map_array(self, *zip(*params))
+
+    def _limits(self) -> str:
+        return ", ".join(f"{key}={self.params[key]}" for key in ("timeout_min", "max_num_timeout") if key in self.params)
 
     def _check_resources(self, jobs: List[sweep.SweepJob]) -> None:
         for job in jobs:
@@ -127,12 +173,16 @@ class _Submitit(BaseSubmititLauncher):
             config.hydra.job.num = job_num
         rank = detect().rank
         quiet_secondary_rank(config, rank)
-        if rank == 0:  # the job's dir has one live owner (held until this process exits), as a single run's
-            from nanogpt.sweep import job_dir
+        job = sweep.SweepJob(job_num, sweep_overrides, config, sweep.job_dir(config), finished=False)
 
-            runlock.hold(job_dir(config))
-        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+        def run_locked() -> JobReturn:
+            if rank == 0:  # the job's dir has one live owner (held until this process exits), as a single run's
+                with user_errors():
+                    runlock.hold(job.run_dir)
+            return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                           job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
+        return sweep.run_one(job, run_locked)
 
 
 class SubmititLocalLauncher(_Submitit, _SubmititLocal):
@@ -152,6 +202,27 @@ class SubmititLocalLauncher(_Submitit, _SubmititLocal):
 
 class SlurmLauncher(_Submitit, _SubmititSlurm):
     """Each job a task of one SLURM job array; requeued after preemption or a time limit."""
+
+    on_this_machine = False  # the jobs' devices are on their nodes, not on the login node
+
+    def submit(self, params: list) -> list:
+        """No SLURM here, or sbatch's refusal (no controller answers, an unknown partition or account), as
+        one line (submitit prints sbatch's stderr itself, which the line already holds)."""
+        from submitit.core.utils import FailedJobError
+
+        missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+        if missing:
+            raise ConfigError(f"launcher=slurm submits with SLURM's {' and '.join(missing)}, and this machine has no "
+                              f"{missing[0]}: run the sweep on the cluster's login node, or use launcher=submitit_local")
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(printed):
+                return super().submit(params)
+        except FailedJobError as e:
+            said = [line.strip() for line in (str(e) or printed.getvalue()).splitlines() if line.strip()]
+            raise UserError(f"SLURM refused the sweep ({said[-1].rstrip('.') if said else 'sbatch failed'}), nothing was "
+                            f"submitted: check that `sinfo` answers here, and the partition and account of the site "
+                            f"(site=NAME, conf/site/)") from e
 
 
 @dataclass
