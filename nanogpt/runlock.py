@@ -75,9 +75,7 @@ def acquire(run_dir: Path) -> RunLock:
         file.seek(0)
         owner = file.read()
         file.close()
-        raise RunDirBusy(f"{run_dir} is in use by {_describe(owner)}: two processes in one run dir would mix "
-                         f"their logs and checkpoints; wait for it to end (or stop it), or pick another "
-                         f"hydra.run.dir") from None
+        raise _busy(run_dir, owner) from None
     except OSError as e:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise
@@ -107,9 +105,25 @@ def hold(run_dir: Path) -> RunLock:
 
 
 def check_free(run_dir: Path) -> None:
-    """RunDirBusy if a live process owns run_dir (a sweep checks its jobs' dirs before launching)."""
-    if (Path(run_dir) / LOCK_NAME).is_file():
-        acquire(run_dir).release()
+    """RunDirBusy if a live process owns run_dir (a sweep checks its jobs' dirs before launching).
+    Reads only: the dir and its lock file are left as they are."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_NAME
+    if not path.is_file():
+        return
+    with open(path) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            raise _busy(Path(run_dir), file.read()) from None
+        except OSError:  # no locks on this file system: nothing to check
+            pass
+
+
+def _busy(run_dir: Path, owner_record: str) -> RunDirBusy:
+    return RunDirBusy(f"{run_dir} is in use by {_describe(owner_record)}: two processes in one run dir would mix "
+                      f"their logs and checkpoints; wait for it to end (or stop it), or pick another hydra.run.dir")
 
 
 def _make_dirs(run_dir: Path) -> list[Path]:

@@ -69,7 +69,8 @@ def _command_overrides(config: DictConfig) -> list:
     """The command line's overrides of COMMAND_GROUPS and COMMAND_KEYS, parsed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    given = [*config.hydra.overrides.hydra, *config.hydra.overrides.task]
+    # as written: read through the config, an override such as seed=${oops} would be resolved
+    given = [*OmegaConf.to_container(config.hydra.overrides.hydra), *OmegaConf.to_container(config.hydra.overrides.task)]
     return [o for o in OverridesParser.create().parse_overrides(given)
             if o.key_or_group in COMMAND_GROUPS or o.key_or_group.startswith(COMMAND_KEYS)]
 
