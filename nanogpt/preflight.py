@@ -80,6 +80,16 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
     return meta
 
 
+def check_memory(config: TrainConfig, data_meta: dict) -> None:
+    """A training step fits in the memory the device has (a lower-bound estimate; nanogpt/memory.py)."""
+    from nanogpt import hardware, memory
+
+    hw = hardware.resolve(config.hardware)
+    vocab = config.model.vocab_size or data_meta["vocab_size"]
+    sharing = planned_world_size(config.hardware) if hw.device_type == "cpu" else 1  # GPUs: one per process
+    memory.check_fits(config, vocab, hw.device, hw.dtype.itemsize, processes=sharing)
+
+
 @contextlib.contextmanager
 def stop_on_error():
     """Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
@@ -161,7 +171,7 @@ class Preflight(Callback):
             check_hardware(train_config)
             check_optimizer(train_config)
             if self.check_data:
-                check_data_and_vocab(train_config)
+                check_memory(train_config, check_data_and_vocab(train_config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
