@@ -316,8 +316,8 @@ class CheckpointDir:
             return None
         record, problem = self._checksums()
         if problem is not None:
-            if str(self.path) not in _WARNED:
-                _WARNED.add(str(self.path))
+            if str(self.path.resolve()) not in _WARNED:
+                _WARNED.add(str(self.path.resolve()))
                 log.warning(f"{problem}: checking the checkpoints by the CRC-32 sums inside their zip files instead")
             problem = zip_problem(path)
             if problem is not None:
@@ -464,15 +464,21 @@ def load_file(path: str | Path, mmap: bool = True) -> dict:
         ) from e
 
 
-def load_verified(path: str | Path, mmap: bool = True) -> dict:
-    """load_file, after checking the file: against its run's checksums.json when it sits in a
-    checkpoints/ dir of ours, else by the CRC-32s inside its zip (a nanoGPT ckpt.pt, a copied file)."""
+def check_file(path: str | Path) -> None:
+    """A UserError if a checkpoint file is corrupt: checked against its run's checksums.json when it
+    sits in a checkpoints/ dir of ours, else by the CRC-32s inside its zip (a nanoGPT ckpt.pt, a
+    copied file). A file this process checked already is not read again."""
     path = Path(path)
     if path.is_file():
         problem = _file_problem(path)
         if problem is not None:
             raise UserError(f"checkpoint {path} is unusable: {problem}: load another checkpoint of the run "
-                            f"(a step-N.pt in its checkpoints/, or checkpoint=last / best)")
+                            f"(a step-N.pt in its checkpoints/, or the run's last.pt or best.pt)")
+
+
+def load_verified(path: str | Path, mmap: bool = True) -> dict:
+    """load_file, after check_file."""
+    check_file(path)
     return load_file(path, mmap=mmap)
 
 

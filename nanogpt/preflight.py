@@ -38,9 +38,12 @@ def check_init_from(config: TrainConfig) -> None:
     """init_from exists, and the model group describes its weights (read without loading them)."""
     if config.init_from == "scratch":
         return
-    from nanogpt import weights
+    from nanogpt import checkpoint, weights
 
     weights.check_matches(config.model, weights.peek_model_config(config.init_from), config.init_from)
+    where = weights.locate(config.init_from)
+    if isinstance(where, Path):  # a corrupt checkpoint is named before the run dir exists
+        checkpoint.check_file(where)
 
 
 def check_hardware(config: TrainConfig) -> None:
