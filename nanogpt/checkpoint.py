@@ -398,6 +398,8 @@ class CheckpointDir:
                 and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
                 and all(isinstance(v, dict) and isinstance(v.get("bytes"), int) for v in sums.values())):
             return empty, f"{path} is not a record of checksums (an entry is not an object of the form it is written in)"
+        if not sums:  # written by no save (saves record a file before naming it): nothing to check against
+            return empty, f"{path} records no checksums"
         return record, None
 
     def last_step(self) -> int | None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import sys
 from pathlib import Path
 
 from nanogpt.config import UserError
@@ -115,3 +117,21 @@ def write_error(path: str | Path, e: OSError, run_dir: str | Path | None = None)
     if run_dir is not None:
         fix += f", then continue with resume={run_dir}"
     return RunFileError(f"could not write {path} ({e.strerror or e}): {fix}")
+
+
+def drop_failing_log_files(logger: logging.Logger | None = None) -> None:
+    """Make a log file that the disk refuses to write (full, read-only) leave the logger with one
+    warning on stderr, instead of logging's traceback for every line after it. The run goes on
+    logging to the console; the write that stops it (a checkpoint, metrics.jsonl) says what to do."""
+    logger = logger or logging.getLogger()
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = lambda record, handler=handler: _drop(logger, handler)
+
+
+def _drop(logger: logging.Logger, handler: logging.FileHandler) -> None:
+    error = sys.exc_info()[1]
+    logger.removeHandler(handler)
+    why = getattr(error, "strerror", None) or error
+    print(f"warning: could not write {handler.baseFilename} ({why}): the log goes on on the console only",
+          file=sys.stderr)

@@ -527,6 +527,9 @@ def _main(cfg: DictConfig) -> dict:
     from nanogpt.preflight import check_data_and_vocab, to_train_config
     from nanogpt.provenance import RunRecord
 
+    from nanogpt.runfiles import drop_failing_log_files
+
+    drop_failing_log_files()  # a full disk: one warning, not a traceback per log line
     with user_errors():
         config = to_train_config(cfg)
         env = distributed.detect()
