@@ -526,7 +526,6 @@ def _main(cfg: DictConfig) -> dict:
     from nanogpt import distributed, launch
     from nanogpt.preflight import check_data_and_vocab, to_train_config
     from nanogpt.provenance import RunRecord
-
     from nanogpt.runfiles import drop_failing_log_files
 
     drop_failing_log_files()  # a full disk: one warning, not a traceback per log line

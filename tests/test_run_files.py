@@ -111,13 +111,15 @@ def test_a_checksums_entry_that_is_not_an_object_is_named_not_a_traceback(runs):
     run_dir = copy_run(runs, "bad_entry")
     path = run_dir / "checkpoints" / "checksums.json"
     record = json.loads(path.read_text())
-    record["files"]["last.pt"] = "not an object"
+    record["checksums"] = {sha: "not an object" for sha in record["checksums"]}
     path.write_text(json.dumps(record))
-    result = run_cli("nanogpt.train", *args(runs / "data", run_dir, steps=21), cwd=runs)
+    for name in ("last.pt", "step-00000020.pt"):  # so that the record's entries are looked into
+        flip_a_bit_in_a_tensor(run_dir / "checkpoints" / name)
+    result = run_cli("nanogpt.train", *args(run_dir=run_dir, data_dir=runs / "data"), cwd=runs)
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     assert f"{path} is not a record of checksums" in out and "CRC-32" in out
-    assert "resuming from" in out and "(step 20)" in out
+    assert "resuming from step-00000010.pt (step 10) instead" in out
 
 
 def test_sample_and_init_from_refuse_a_bit_flipped_checkpoint(runs, tmp_path):
