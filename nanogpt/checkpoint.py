@@ -16,10 +16,13 @@ A run's `checkpoints/` dir holds `last.pt` (the newest), `best.pt` (lowest val l
 K `step-NNNNNNNN.pt`. They are names of files written once: each save writes one new file and
 links the names to it, so `last.pt` and the newest step file cost no extra disk. Every file's
 SHA-256 and size go to `checksums.json` before a name points to it, so a truncated or corrupt
-file is found and named, and resuming falls back to the newest good one.
+file is found and named, and resuming falls back to the newest good one. A checkpoint is also a zip
+whose every member carries its CRC-32: when checksums.json is missing or unreadable, that is what
+checks a file (and what checks a checkpoint loaded by path, for sampling or init_from).
 
 Writes go to a temp file in the same dir, are fsynced, then renamed over the target: a crash
-mid-save leaves the previous files intact.
+mid-save leaves the previous files intact. Temp files are named after the host and process that
+write them, so the next start removes those of a process that is gone, and only those.
 """
 
 from __future__ import annotations
@@ -33,18 +36,27 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanogpt.config import ModelConfig, UserError
+from nanogpt.runfiles import RunFileError, read_json
 
 FORMAT = "nanogpt-checkpoint"
 VERSION = 1
 CHECKSUMS = "checksums.json"
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+# .NAME.HOST.PID.TAG.tmp: a temp file of a save (or of checksums.json), by the process that writes it
+TEMP_FILE = re.compile(r"^\.(last\.pt|best\.pt|step-\d+\.pt|checksums\.json)\.(.+)\.(\d+)\.(\w+)\.tmp$")
+LEGACY_TEMP_FILE = re.compile(r"^\.(last\.pt|best\.pt|step-\d+\.pt|checksums\.json)\.(\w+\.)?tmp$")  # before 0.x: no owner
+STALE_AFTER_S = 600  # a temp file of another host untouched this long has no live writer
+_WARNED: set[str] = set()  # dirs whose missing or unreadable checksums.json this process has named
 _VERIFIED: set[tuple] = set()  # files whose SHA-256 this process checked: (path, inode, size, mtime)
 
 log = logging.getLogger("nanogpt")
@@ -80,10 +92,15 @@ class _HashingWriter:
         self.file.flush()
 
 
+def _temp_prefix(name: str) -> str:
+    """The start of the name of a temp file this process writes for `name` (see TEMP_FILE)."""
+    return f".{name}.{socket.gethostname()}.{os.getpid()}."
+
+
 def _write_temp(payload: dict[str, Any], directory: Path, name: str) -> tuple[Path, dict]:
     """Write payload to a fsynced temp file in directory. Returns it with its size and SHA-256."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=directory)
     writer = None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -115,7 +132,7 @@ def save(payload: dict[str, Any], path: str | Path) -> dict:
 def link_as(source: Path, target: Path) -> None:
     """Make target a second name of source's file, atomically: no second write of the same bytes.
     (The next save replaces source by a new file; target keeps this one.)"""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f"{_temp_prefix(target.name)}link.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
@@ -142,12 +159,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f"{_temp_prefix(path.name)}json.tmp")
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def zip_problem(path: Path) -> str | None:
+    """None if every member of the checkpoint's zip matches the CRC-32 the writer stored for it
+    (torch.save stores one per member; torch.load does not check them), else what is wrong."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"it is not a whole zip file ({e}; truncated?)"
+    except (ValueError, RuntimeError, zipfile.LargeZipFile) as e:  # e.g. a corrupt header
+        return f"its zip structure is damaged ({e})"
+    if bad is not None:
+        return f"the CRC-32 of {bad} inside it does not match (corrupt?)"
+    return None
 
 
 def _sha256_of(path: Path) -> str:
@@ -185,7 +217,7 @@ class CheckpointDir:
         try:
             tmp, info = _write_temp(payload, self.path, last.name)
             try:
-                record = self._read_checksums()
+                record = self._record_to_extend()
                 record["checksums"][info["sha256"]] = {"bytes": info["bytes"], "step": step}
                 _write_json(self.path / CHECKSUMS, record)  # known before any name points to it
                 os.replace(tmp, last)
@@ -239,12 +271,29 @@ class CheckpointDir:
         needed = {entry["sha256"] for entry in files.values()}
         record["checksums"] = {k: v for k, v in record["checksums"].items() if k in needed}
 
+    def _record_to_extend(self) -> dict:
+        """checksums.json to add a save to. One that is missing or unreadable is rebuilt from the
+        files that pass their zip's CRC-32 check, so that they stay checkable after this save."""
+        record, problem = self._checksums()
+        if problem is not None:
+            for path in self._distinct_candidates():
+                if zip_problem(path) is None:
+                    record["checksums"][_sha256_of(path)] = {"bytes": path.stat().st_size, "step": _step_of(path)}
+        return record
+
     def remove_partial_writes(self) -> list[Path]:
-        """Delete the temp files of saves that a crash or a kill interrupted."""
-        partial = [p for p in self.path.glob(".*.tmp") if p.is_file()]
-        for p in partial:
-            p.unlink(missing_ok=True)  # every rank of a multi-process run may try
-        return partial
+        """Delete the temp files that saves interrupted by a crash or a kill left, also of a run
+        that had no checkpoint yet. Only our own files (TEMP_FILE), and only of a process that is
+        gone: one of this host whose pid is not alive, or of another host untouched for
+        STALE_AFTER_S. Every rank of a multi-process run may call this."""
+        if not self.path.is_dir():
+            return []
+        removed = []
+        for path in self.path.iterdir():
+            if path.is_file() and _writer_is_gone(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -258,20 +307,27 @@ class CheckpointDir:
         return [p for p in names if p.is_file()]
 
     def verify(self, path: Path) -> str | None:
-        """None if path's SHA-256 is one this run recorded, else what is wrong with it. With no
-        checksums.json (a run dir of an older version) a file passes here and is left to
-        torch.load's own checks."""
+        """None if path's SHA-256 is one this run recorded, else what is wrong with it. When
+        checksums.json is missing or unreadable (which is said, once), the CRC-32s inside the
+        file's zip check it instead."""
         stat = path.stat()
         identity = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if identity in _VERIFIED:
             return None
-        record = self._read_checksums()
-        if record["checksums"] and _sha256_of(path) not in record["checksums"]:
+        record, problem = self._checksums()
+        if problem is not None:
+            if str(self.path.resolve()) not in _WARNED:
+                _WARNED.add(str(self.path.resolve()))
+                log.warning(f"{problem}: checking the checkpoints by the CRC-32 sums inside their zip files instead")
+            problem = zip_problem(path)
+            if problem is not None:
+                return problem
+        elif _sha256_of(path) not in record["checksums"]:
             entry = record["files"].get(path.name)
-            written = record["checksums"].get(entry.get("sha256")) if isinstance(entry, dict) else None
+            written = record["checksums"].get(entry["sha256"]) if entry is not None else None
             if written is not None and written["bytes"] != stat.st_size:
                 return f"it is {stat.st_size:,} bytes but was written as {written['bytes']:,} (truncated?)"
-            return "its SHA-256 matches no checkpoint this run wrote (corrupt?)"
+            return "its SHA-256 matches no checkpoint this run wrote (corrupt, or another run's file?)"
         _VERIFIED.add(identity)
         return None
 
@@ -299,9 +355,11 @@ class CheckpointDir:
                 distinct.append(path)
         return distinct
 
-    def load_latest_good(self, mmap: bool = False) -> tuple[dict, Path]:
+    def load_latest_good(self, mmap: bool = False, belongs=None) -> tuple[dict, Path]:
         """The newest checkpoint that passes its checks and loads; says which ones it skipped.
-        Read whole by default: all of it is used, and the file will be replaced while training."""
+        Read whole by default: all of it is used, and the file will be replaced while training.
+        belongs(payload): None if the checkpoint is one of this run's, else why not (a file of
+        another run copied in is skipped like a corrupt one)."""
         if not self.candidates():
             raise UserError(f"{self.path} holds no checkpoint (last.pt, step-N.pt or best.pt) to resume from")
         problems = []
@@ -315,6 +373,8 @@ class CheckpointDir:
                 else:
                     if not is_ours(payload) or "resume" not in payload:
                         problem = "it is not a checkpoint of a nanogpt training run"
+                    elif belongs is not None:
+                        problem = belongs(payload)
             if problem is None:
                 if problems:
                     log.warning(f"{'; '.join(problems)}; resuming from {path.name} (step {payload['step']}) instead")
@@ -322,18 +382,73 @@ class CheckpointDir:
             problems.append(f"{path.name} is unusable: {problem}")
         raise self._none_usable(problems)
 
-    def _read_checksums(self) -> dict:
+    def _checksums(self) -> tuple[dict, str | None]:
+        """checksums.json, and None; or an empty record and why it cannot be used (missing, not
+        JSON, not the layout it is written in)."""
+        empty = {"files": {}, "checksums": {}}
+        path = self.path / CHECKSUMS
         try:
-            record = json.loads((self.path / CHECKSUMS).read_text())
-            if isinstance(record.get("files"), dict) and isinstance(record.get("checksums"), dict):
-                return record
-        except (OSError, ValueError, AttributeError):
-            pass
-        return {"files": {}, "checksums": {}}
+            record = read_json(path, missing_ok=True)
+        except RunFileError as e:
+            return empty, str(e).rsplit(":", 1)[0]
+        if record is None:
+            return empty, f"{self.path} has no {CHECKSUMS}"
+        files, sums = record.get("files"), record.get("checksums")
+        if not (isinstance(files, dict) and isinstance(sums, dict)
+                and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
+                and all(isinstance(v, dict) and isinstance(v.get("bytes"), int) for v in sums.values())):
+            return empty, f"{path} is not a record of checksums (an entry is not an object of the form it is written in)"
+        if not sums:  # written by no save (saves record a file before naming it): nothing to check against
+            return empty, f"{path} records no checksums"
+        return record, None
+
+    def last_step(self) -> int | None:
+        """The step of last.pt (None: there is none), as checksums.json records it, else as the
+        file says (memory-mapped: only its small values are read)."""
+        last = self.path / "last.pt"
+        if not last.is_file():
+            return None
+        record, _ = self._checksums()
+        entry = record["files"].get("last.pt")
+        if entry is not None and entry.get("inode") == last.stat().st_ino:
+            written = record["checksums"].get(entry["sha256"])
+            if written is not None and isinstance(written.get("step"), int):
+                return written["step"]
+        try:
+            return int(load_file(last, mmap=True)["step"])
+        except (UserError, KeyError, TypeError, ValueError):
+            return None
 
 
-def _step_of(step_file: Path) -> int:
-    return int(STEP_FILE.match(step_file.name).group(1))
+def _step_of(step_file: Path) -> int | None:
+    match = STEP_FILE.match(step_file.name)
+    return int(match.group(1)) if match else None
+
+
+def _writer_is_gone(path: Path) -> bool:
+    """Is path a temp file of ours whose writer is no longer alive? (see remove_partial_writes)"""
+    match = TEMP_FILE.match(path.name)
+    if match is None:
+        return LEGACY_TEMP_FILE.match(path.name) is not None and _untouched_for(path, STALE_AFTER_S)
+    host, pid = match.group(2), int(match.group(3))
+    if host != socket.gethostname():
+        return _untouched_for(path, STALE_AFTER_S)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def load_file(path: str | Path, mmap: bool = True) -> dict:
@@ -349,6 +464,39 @@ def load_file(path: str | Path, mmap: bool = True) -> dict:
             f"cannot read checkpoint {path}: it is truncated, corrupt, not a PyTorch file, or holds pickled "
             f"objects (which are never loaded)"
         ) from e
+
+
+def check_file(path: str | Path) -> None:
+    """A UserError if a checkpoint file is corrupt: checked against its run's checksums.json when it
+    sits in a checkpoints/ dir of ours, else by the CRC-32s inside its zip (a nanoGPT ckpt.pt, a
+    copied file). A file this process checked already is not read again."""
+    path = Path(path)
+    if path.is_file():
+        problem = _file_problem(path)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} is unusable: {problem}: load another checkpoint of the run "
+                            f"(a step-N.pt in its checkpoints/, or the run's last.pt or best.pt)")
+
+
+def load_verified(path: str | Path, mmap: bool = True) -> dict:
+    """load_file, after check_file."""
+    check_file(path)
+    return load_file(path, mmap=mmap)
+
+
+def _file_problem(path: Path) -> str | None:
+    if (path.parent / CHECKSUMS).exists() or path.parent.name == "checkpoints":
+        return CheckpointDir(path.parent).verify(path)
+    if not zipfile.is_zipfile(path):  # torch's legacy format, or not a checkpoint: torch.load says which
+        return None
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity in _VERIFIED:
+        return None
+    problem = zip_problem(path)
+    if problem is None:
+        _VERIFIED.add(identity)
+    return problem
 
 
 def is_ours(payload: dict) -> bool:

@@ -20,7 +20,6 @@ table and the plot into that markdown file, between the two `nanogpt-compare` ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -114,15 +113,14 @@ def train(name: str, repeat: int, out: Path, overrides: list[str]) -> Run:
 
 
 def read_run(name: str, repeat: int, run_dir: Path, wall_s: float) -> Run:
-    from omegaconf import OmegaConf
-
     from nanogpt.report import read_metrics
+    from nanogpt.runfiles import read_json, read_yaml
 
     evals, _ = read_metrics(run_dir)
     if not evals:
         raise UserError(f"{run_dir} has no val loss: give its experiment an eval_interval below max_iters")
-    config = OmegaConf.load(run_dir / "config.resolved.yaml")
-    provenance = json.loads((run_dir / "provenance.json").read_text())
+    config = read_yaml(run_dir / "config.resolved.yaml")
+    provenance = read_json(run_dir / "provenance.json")
     sequences = config.global_batch_size or config.batch_size * provenance.get("world_size", 1)
     return Run(name, repeat, run_dir, wall_s, [(e["time"], e["step"], e["val_loss"]) for e in evals],
                sequences * config.block_size, provenance.get("machine", {}))

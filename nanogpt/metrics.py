@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from nanogpt.config import LoggerConfig, LoggerName, UserError
+from nanogpt.runfiles import read_jsonl, write_error
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,13 @@ class Metrics:
     def __init__(self, run_dir: Path, logger_cfg: LoggerConfig, config_dict: dict,
                  resumed_at: int | None = None, wandb_run_id: str | None = None):
         """resumed_at: the step a resumed run continues from (None: the run starts at step 0)."""
-        self.path = Path(run_dir) / "metrics.jsonl"
-        _rewind(self.path, resumed_at)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: `tail -f` sees each record
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / "metrics.jsonl"
+        try:
+            _rewind(self.path, resumed_at)
+            self._file = open(self.path, "a", buffering=1)  # line-buffered: `tail -f` sees each record
+        except OSError as e:
+            raise write_error(self.path, e, run_dir) from e
+        self._failed = False
         self._start = time.time()
         self._wandb_run = None
         self.wandb_run_id = wandb_run_id
@@ -36,12 +41,20 @@ class Metrics:
 
     def log(self, step: int, kind: str, **values: float) -> None:
         record = {"step": step, "kind": kind, **values, "time": round(time.time() - self._start, 3)}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full or read-only disk: the run stops with one line (its checkpoints are intact)
+            self._failed = True
+            raise write_error(self.path, e, self.run_dir) from e
         if self._wandb_run is not None:
             self._wandb_run.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # flushes: the disk may refuse what a failed write left in the buffer
+        except OSError as e:
+            if not self._failed:  # else that failure is the one being reported
+                raise write_error(self.path, e, self.run_dir) from e
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
@@ -65,12 +78,9 @@ def _rewind(path: Path, resumed_at: int | None) -> None:
         return
     kept = []
     if resumed_at is not None:
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= resumed_at:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-                continue
+        records = read_jsonl(path, fix=f"move it aside (the run's checkpoints are intact) and resume again; the "
+                                      f"resumed run logs from step {resumed_at} on")
+        kept = [json.dumps(r) + "\n" for r in records if isinstance(r.get("step"), int) and r["step"] <= resumed_at]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)

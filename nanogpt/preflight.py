@@ -39,9 +39,12 @@ def check_init_from(config: TrainConfig) -> None:
     """init_from exists, and the model group describes its weights (read without loading them)."""
     if config.init_from == "scratch":
         return
-    from nanogpt import weights
+    from nanogpt import checkpoint, weights
 
     weights.check_matches(config.model, weights.peek_model_config(config.init_from), config.init_from)
+    where = weights.locate(config.init_from)
+    if isinstance(where, Path):  # a corrupt checkpoint is named before the run dir exists
+        checkpoint.check_file(where)
 
 
 def check_hardware(config: TrainConfig) -> None:
@@ -79,6 +82,16 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
             f"data={config.data.name} has a split of {smallest}: lower block_size or use more data"
         )
     return meta
+
+
+def check_memory(config: TrainConfig, data_meta: dict) -> None:
+    """A training step fits in the memory the device has (a lower-bound estimate; nanogpt/memory.py)."""
+    from nanogpt import hardware, memory
+
+    hw = hardware.resolve(config.hardware)
+    vocab = config.model.vocab_size or data_meta["vocab_size"]
+    sharing = planned_world_size(config.hardware) if hw.device_type == "cpu" else 1  # GPUs: one per process
+    memory.check_fits(config, vocab, hw.device, hw.dtype.itemsize, processes=sharing)
 
 
 @contextlib.contextmanager
@@ -181,7 +194,7 @@ class Preflight(Callback):
             check_hardware(train_config)
             check_optimizer(train_config)
             if self.check_data:
-                check_data_and_vocab(train_config)
+                check_memory(train_config, check_data_and_vocab(train_config))
         clock.mark("checks and data")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

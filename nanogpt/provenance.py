@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.cli import PACKAGE_DIR
+from nanogpt.runfiles import RunFileError, read_json, read_yaml, write_error
 
 log = logging.getLogger("nanogpt")
 
@@ -112,6 +113,12 @@ class RunRecord:
 
     def __init__(self, run_dir: Path, seed: int, resolved: dict, world_size: int = 1,
                  resumed_from: tuple[Path, int] | None = None, reproduced_from: str | None = None):
+        try:
+            self._start(run_dir, seed, resolved, world_size, resumed_from, reproduced_from)
+        except OSError as e:  # a read-only or full run dir: one line, before the run starts
+            raise write_error(e.filename or run_dir, e) from e
+
+    def _start(self, run_dir, seed, resolved, world_size, resumed_from, reproduced_from) -> None:
         from omegaconf import OmegaConf
 
         from nanogpt.resume import flatten
@@ -128,12 +135,19 @@ class RunRecord:
             "slurm": {k: os.environ[k] for k in SLURM_VARIABLES if k in os.environ},
             "git": git_state(),
         }
-        previous = _read_json(path)
-        if previous is None and path.exists():  # unreadable: keep it for a person to look at
-            path.rename(path.with_name(f"provenance.unreadable-{int(time.time())}.json"))
+        try:
+            previous = read_json(path, missing_ok=True)
+        except RunFileError as e:  # unreadable: keep it for a person to look at, and start a new record
+            aside = path.with_name(f"provenance.unreadable-{int(time.time())}.json")
+            path.rename(aside)
+            log.warning(f"warning: {str(e).rsplit(':', 1)[0]}: moved it to {aside.name}; this start writes a new one")
+            previous = None
         if previous is not None:  # this dir's run continues (or restarts before its first checkpoint)
             warnings = code_differences(previous.get("git", {}), this_start["git"])
-            before = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.exists() else {}
+            before = {}
+            if config_path.exists():
+                before = flatten(OmegaConf.to_container(read_yaml(
+                    config_path, fix="restore it from a copy of the run, or start the run again with reproduce=")))
             after = flatten(resolved)
             changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
                        if before.get(k) != after.get(k)}
@@ -155,7 +169,7 @@ class RunRecord:
             self.record = {"status": "running", **this_start, "end_time": None, "world_size": world_size, "seed": seed,
                            "versions": versions(), "machine": machine()}
             if reproduced_from is not None:
-                source = _read_json(Path(reproduced_from) / "provenance.json") or {}
+                source = _read_json(Path(reproduced_from) / "provenance.json")
                 warnings = code_differences(source.get("git", {}), this_start["git"])
                 self.record["reproduced_from"] = {
                     "run_dir": str(reproduced_from),
@@ -178,20 +192,41 @@ class RunRecord:
         self.record.update(status=status, end_time=_now(), wall_seconds=wall)
         (self.record["resumes"][-1] if "resumes" in self.record else self.record).update(
             {k: v for k, v in this_start.items() if v is not None})
-        self._write()
-        if status == "done":
-            (self.run_dir / "DONE").write_text(self.record["end_time"] + "\n")
+        try:
+            self._write()
+            if status == "done":
+                (self.run_dir / "DONE").write_text(self.record["end_time"] + "\n")
+        except OSError as e:
+            raise write_error(e.filename or self.run_dir / "provenance.json", e, self.run_dir) from e
+
+    def finish_after_error(self, status: str) -> None:
+        """finish(status) for a run that is ending on an error: never raises, since the error that
+        ended the run is the one to show. When the disk is full or read-only it says, in one log
+        line, that the status could not be recorded."""
+        try:
+            self.finish(status)
+        except Exception as e:  # noqa: BLE001 - whatever it was, the first error goes on
+            log.warning(f"warning: the run's status ({status}) could not be recorded: {e}")
 
     def _write(self) -> None:
         path = self.run_dir / "provenance.json"
+        text = json.dumps(self.record, indent=2) + "\n"
         tmp = path.with_name(".provenance.json.tmp")
-        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
+        try:
+            tmp.write_text(text)
+        except OSError:  # a full disk has no room for a second file: rewrite the one there in place
+            tmp.unlink(missing_ok=True)
+            with open(path, "r+") as f:
+                f.write(text)
+                f.truncate()
+            return
         os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path) -> dict:
+    """Another run's provenance.json, or {} when it is missing or unreadable (it only adds warnings)."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+        return read_json(path, missing_ok=True) or {}
+    except RunFileError as e:
+        log.warning(f"warning: {e}")
+        return {}

@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 
 from nanogpt.config import UserError
+from nanogpt.runfiles import RunFileError, read_json, read_jsonl, read_yaml
+
+# a run file that cannot be read: the report goes on without what it would add
+REPORT_FIX = "restore it from a copy of the run, or move it aside (the report then goes without it)"
 
 COLUMNS = ("job", "overrides", "status", "best_val_loss", "final_val_loss", "step", "tokens_per_s", "wall_s", "restarts")
 
@@ -33,11 +37,9 @@ def find_runs(sweep_dir: Path) -> list[Path]:
 
 def read_run(run_dir: Path, sweep_dir: Path) -> dict:
     """One row of the table, and the run's val curve (under "curve")."""
-    from omegaconf import OmegaConf
-
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
-    record = _json(run_dir / "provenance.json") or {}
+    overrides = [str(o) for o in read_yaml(overrides_file, REPORT_FIX, kind="list")] if overrides_file.is_file() else []
+    record = read_json(run_dir / "provenance.json", REPORT_FIX, missing_ok=True) or {}
     evals, trains = read_metrics(run_dir)
     status = record.get("status", "not started")
     if status == "running" and (run_dir / "DONE").exists():
@@ -59,16 +61,20 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """A run's metrics.jsonl records: (eval records, train records), in the order written."""
+    """A run's metrics.jsonl records: (eval records, train records), in the order written. A line
+    cut short by a kill (or being written) is left out; any other damage is named."""
     evals, trains = [], []
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            (evals if entry.get("kind") == "eval" else trains).append(entry)
+    path = run_dir / "metrics.jsonl"
+    for entry in read_jsonl(path, REPORT_FIX):
+        if not isinstance(entry.get("step"), int) or (entry.get("kind") == "eval" and not _is_number(entry.get("val_loss"))):
+            raise RunFileError(f"{path} holds a record without a step or val loss ({json.dumps(entry)[:80]}): "
+                               f"{REPORT_FIX}")
+        (evals if entry.get("kind") == "eval" else trains).append(entry)
     return evals, trains
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def sort_rows(rows: list[dict], metric: str) -> list[dict]:
@@ -171,16 +177,12 @@ def resume_command(sweep_dir: Path) -> str | None:
 
     if not (sweep_dir / "multirun.yaml").is_file():
         return None
-    overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+    multirun = read_yaml(sweep_dir / "multirun.yaml", REPORT_FIX)
+    overrides = OmegaConf.select(multirun, "hydra.overrides")
+    if overrides is None:
+        raise RunFileError(f"{sweep_dir / 'multirun.yaml'} holds no hydra.overrides: {REPORT_FIX}")
     kept = [o for o in [*overrides.hydra, *overrides.task] if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
     return " ".join(["nanogpt-train", "--multirun", *map(shlex.quote, kept), f"hydra.sweep.dir={shlex.quote(str(sweep_dir))}"])
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.sweep_dir / "report.md").write_text(table)
         write_csv(rows, args.sweep_dir / "report.csv")
         plot(rows, args.sweep_dir / "report.png", "final_val_loss")
+        unfinished = [row["job"] for row in rows if row["status"] != "done"]
+        command = resume_command(args.sweep_dir) if unfinished else None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -208,8 +212,6 @@ def main(argv: list[str] | None = None) -> None:
     if common:
         print(f"\nevery run: {' '.join(common)}")
     print(f"\n{len(rows)} runs; written: {args.sweep_dir / 'report.md'}, report.csv, report.png")
-    unfinished = [row["job"] for row in rows if row["status"] != "done"]
-    command = resume_command(args.sweep_dir) if unfinished else None
     if command:
         print(f"not done: {', '.join(unfinished)}; to finish the sweep: {command}")
 

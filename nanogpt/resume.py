@@ -20,12 +20,19 @@ from __future__ import annotations
 
 from pathlib import Path
 import os
+import tempfile
 from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.config import ConfigError
+from nanogpt.runfiles import read_yaml
+
+# what to do when a run's own config files cannot be read back
+RESOLVED_FIX = ("restore it from a copy of the run (its .hydra/config.yaml holds the config as composed), or train the "
+                "run again with reproduce={run_dir}")
+SNAPSHOT_FIX = "restore it from a copy of the run; its config.resolved.yaml holds the config it ran with"
 
 # Keys a continued run may change: how long it runs, how it reports, what it keeps. Anything else
 # would make the rest of the run differ from the run that was started.
@@ -111,6 +118,15 @@ def check_writable(run_dir: Path) -> None:
     existing = run_dir.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    if not existing.is_dir():
+        what = "is an existing file" if existing == run_dir.absolute() else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"the run dir hydra.run.dir={run_dir} {what}: give the path of a dir (new or a run's)")
+    if existing != run_dir.absolute():  # can the missing dirs be made there? (/proc, /sys say no only when asked)
+        try:
+            tempfile.TemporaryDirectory(dir=existing).cleanup()
+        except OSError as e:
+            raise ConfigError(f"the run dir hydra.run.dir={run_dir} cannot be made in {existing} ({e.strerror or e}): "
+                              f"pick a hydra.run.dir in a dir you can write") from None
     if not os.access(existing, os.W_OK):
         why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
         raise ConfigError(
@@ -137,7 +153,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
     resume, reproduce = cfg.resume, cfg.reproduce
     if reproduce is not None:
         source = existing_run_dir(reproduce, "reproduce", ".hydra/config.yaml")
-        snapshot = OmegaConf.load(source / ".hydra" / "config.yaml")
+        snapshot = read_yaml(source / ".hydra" / "config.yaml", fix=SNAPSHOT_FIX)
         _apply_overrides(snapshot, cfg, "reproduce", allowed=lambda key: True)
         snapshot.reproduce = str(source.resolve())
         snapshot.resume = resume
@@ -152,7 +168,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
                 f"resume={resume} holds no checkpoint to continue from (it stopped before its first save, or ran "
                 f"with save_checkpoints=false): start it again with reproduce={resume}"
             )
-        snapshot = OmegaConf.load(source / "config.resolved.yaml")
+        snapshot = read_yaml(source / "config.resolved.yaml", fix=RESOLVED_FIX.format(run_dir=source))
         _apply_overrides(snapshot, cfg, f"resume={resume}", allowed=is_resumable)
         snapshot.resume = resume
         replace_task_config(cfg, snapshot, source)
@@ -189,7 +205,8 @@ def plan_in_place(cfg: DictConfig, run_dir: Path, way_out: str | None = None) ->
     with the command's RESUMABLE values (`continued_config`); if it holds a snapshot, this
     start's goes beside it (`keep_first_snapshot`). Mutates cfg."""
     if (run_dir / "config.resolved.yaml").is_file():
-        snapshot = OmegaConf.to_container(OmegaConf.load(run_dir / "config.resolved.yaml"))
+        snapshot = OmegaConf.to_container(read_yaml(run_dir / "config.resolved.yaml",
+                                                    fix=RESOLVED_FIX.format(run_dir=run_dir)))
         continued = continued_config(snapshot, _task_part(cfg), run_dir, way_out)
         replace_task_config(cfg, OmegaConf.create(continued), run_dir)
     keep_first_snapshot(cfg, run_dir)

@@ -238,7 +238,10 @@ def _finished_here(config: DictConfig, run_dir: Path) -> bool:
 
     if not (run_dir / "config.resolved.yaml").is_file():
         return False
-    before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.resolved.yaml"))
+    from nanogpt.runfiles import read_yaml
+
+    before = OmegaConf.to_container(read_yaml(run_dir / "config.resolved.yaml", fix=(
+        "restore it from a copy of the run, or move the job's dir aside to train that job again")))
     plan_in_place(config, run_dir, way_out="a sweep dir is finished with the command that started it; for "
                   "other values, start a new sweep (leave hydra.sweep.dir alone)")
     now = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),

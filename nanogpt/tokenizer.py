@@ -316,11 +316,10 @@ def convert_nanogpt_meta(pkl_path: str | os.PathLike) -> dict[str, Any]:
     meta = meta_from_nanogpt_pickle(pkl_path)
     json_path = pkl_path.parent / "meta.json"
     if json_path.exists():
-        try:
-            existing = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not read {json_path} ({e}): remove it, and it is rebuilt from {pkl_path}") from e
-        same = isinstance(existing, dict) and existing.get("encoding") == "char" and existing.get("chars") == meta["chars"]
+        from nanogpt.runfiles import read_json
+
+        existing = read_json(json_path, fix=f"remove it, and it is rebuilt from {pkl_path}")
+        same = existing.get("encoding") == "char" and existing.get("chars") == meta["chars"]
         if not same:
             raise UserError(f"{json_path} describes a different vocabulary than {pkl_path}: remove one of them")
         return existing

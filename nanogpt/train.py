@@ -458,14 +458,66 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     return result
 
 
+def _in_chain(exc: BaseException | None, wanted) -> BaseException | None:
+    """The first exception in exc's chain (exc, its cause or context, ...) that wanted(e) accepts."""
+    while exc is not None:
+        if wanted(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def interrupted(exc: BaseException | None) -> bool:
     """Did a second Ctrl-C end the run? It may surface as another error: interrupting torch.save
     makes its zip writer raise a RuntimeError, with the KeyboardInterrupt as its context."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return _in_chain(exc, lambda e: isinstance(e, KeyboardInterrupt)) is not None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))  # the CPU allocator's
+
+
+def as_user_error(exc: BaseException, run_dir: Path, config: TrainConfig) -> UserError | None:
+    """The one line for an error that ended a run but is no bug of ours: the machine ran out of
+    memory, or the disk refused a write (full, quota, read-only). None for anything else."""
+    from nanogpt import memory
+    from nanogpt.runfiles import DISK_ERRNOS, write_error
+
+    if isinstance(exc, UserError):
+        return exc
+    if _in_chain(exc, _out_of_memory) is not None:
+        return memory.out_of_memory_error(config, str(_in_chain(exc, _out_of_memory)))
+    disk = _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in DISK_ERRNOS)
+    if disk is not None:
+        return write_error(disk.filename or run_dir, disk, run_dir)
+    return None
+
+
+def last_checkpoint_words(run_dir: Path) -> str:
+    from nanogpt.checkpoint import CheckpointDir
+
+    step = CheckpointDir(run_dir / "checkpoints").last_step()
+    return "no checkpoint was saved" if step is None else f"the last checkpoint is step {step}"
+
+
+def another_runs(payload: dict, resolved: dict) -> str | None:
+    """Why a checkpoint found in the run dir is another run's (a file copied in), or None. By the
+    time the run loads it, planning has refused any change the command made to the run's recorded
+    config, so a checkpoint whose config differs from it in a key a run keeps is not this run's."""
+    from nanogpt.resume import flatten, is_resumable
+
+    try:
+        theirs = flatten(json.loads(payload["config"]))
+    except (ValueError, TypeError):
+        return "its config is not readable"
+    ours = flatten(resolved)
+    for key in sorted(theirs.keys() | ours.keys()):
+        if not is_resumable(key) and theirs.get(key) != ours.get(key):
+            return f"it is another run's file ({key}={theirs.get(key)!r} there, {ours.get(key)!r} in this run)"
+    return None
 
 
 def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
@@ -477,14 +529,14 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
     from nanogpt.resume import refuse_changes, refuse_overwrite
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
+    for partial in checkpoints.remove_partial_writes():  # also of a save before the first checkpoint
+        log.info(f"removed {partial.name}, left by a save that was interrupted")
     if not checkpoints.candidates():
         return None, None
     if config.resume == "never":
         refuse_overwrite(run_dir)
-    payload, path = checkpoints.load_latest_good(mmap=not whole)
+    payload, path = checkpoints.load_latest_good(mmap=not whole, belongs=lambda p: another_runs(p, resolved))
     refuse_changes(json.loads(payload["config"]), resolved, run_dir)
-    for partial in checkpoints.remove_partial_writes():
-        log.info(f"removed {partial.name}, left by a save that was interrupted")
     log.info(f"resuming from {path} (step {payload['step']})")
     return payload, path
 
@@ -496,7 +548,9 @@ def _main(cfg: DictConfig) -> dict:
     from nanogpt import distributed, launch
     from nanogpt.preflight import check_data_and_vocab, to_train_config
     from nanogpt.provenance import RunRecord
+    from nanogpt.runfiles import drop_failing_log_files
 
+    drop_failing_log_files()  # a full disk: one warning, not a traceback per log line
     with user_errors():
         config = to_train_config(cfg)
         env = distributed.detect()
@@ -524,9 +578,16 @@ def _main(cfg: DictConfig) -> dict:
             else:
                 result = train(config, run_dir, data_meta, resolved, resume_from)
         except BaseException as e:
-            if record:
-                record.finish("preempted" if interrupted(e) else "failed")
-            raise
+            stop_now = interrupted(e)
+            if record:  # never in the way of the error itself: a full disk may refuse this write too
+                record.finish_after_error("preempted" if stop_now else "failed")
+            if stop_now:  # a second Ctrl-C: whatever it interrupted, a checkpoint is intact
+                print(f"interrupted; {last_checkpoint_words(run_dir)}: continue with resume={run_dir}", file=sys.stderr)
+                sys.exit(128 + signal.SIGINT)
+            mapped = as_user_error(e, run_dir, config) if isinstance(e, Exception) else None
+            if mapped is None or mapped is e:
+                raise
+            raise mapped from e
         startup = result.get("startup_seconds")  # None if the run was stopped before it measured it
         if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
             if record:

@@ -77,7 +77,7 @@ def load(init_from: str, which: str = "best") -> Pretrained:
         return load_hf_dir(_download_gpt2(where), source=f"{where} (HuggingFace hub)")
     if where.is_dir():
         return load_hf_dir(where, source=str(where))
-    payload = checkpoint.load_file(where)
+    payload = checkpoint.load_verified(where)  # a corrupt file is named, not trained or sampled from
     config = _model_config_of(payload, where)
     if checkpoint.is_ours(payload):
         return Pretrained(config, payload["model"], payload.get("data_meta"), str(where), payload)
