@@ -284,8 +284,13 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics, NoMetrics
-    from nanogpt.optim import set_learning_rate
+    from nanogpt.optim import schedule_warnings, set_learning_rate
 
+    # once, in the run's log, before anything is computed; not again when the run continues: it keeps
+    # the schedule it started with (and, extended past its decay, goes on at min_lr by design)
+    if env.is_main and not config.eval_only and resume_from is None:
+        for warning in schedule_warnings(config.optim, config.max_iters):
+            log.warning(warning)
     accum = check_world_size(config, env.world_size)
     global_batch = config.batch_size * env.world_size * accum
     t = build_training(config, data_meta, env, device)
