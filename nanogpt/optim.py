@@ -115,7 +115,6 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-
 def schedule_warnings(cfg: OptimConfig, max_iters: int) -> list[str]:
     """Where the schedule does not fit a run of max_iters steps, one line each (none: it fits).
 
