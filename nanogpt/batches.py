@@ -21,9 +21,8 @@ from nanogpt.config import UserError
 class RandomWindows:
     """Batches of `batch_size` windows of `block_size + 1` tokens at uniformly random offsets.
 
-    Offsets are drawn `draw_size` at a time (by default one micro-step's, `batch_size x
-    world_size`; training on several processes draws the global batch, all processes' micro-steps
-    of one optimizer step) from a torch.Generator: its own, seeded with `seed`, or a `generator` shared
+    Offsets are drawn `draw_size` at a time (the global batch: all processes' micro-steps of one
+    optimizer step) from a torch.Generator: its own, seeded with `seed`, or a `generator` shared
     with other samplers (training shares one with evaluation, as nanoGPT's get_batch shares the
     global RNG). Each call takes the next `batch_size x world_size` drawn offsets and returns
     this rank's `batch_size` of them. `state_dict()` captures where the stream is, so a resumed
@@ -75,10 +74,9 @@ class RandomWindows:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x (batch_size, block_size) int64 tokens and y, the same windows shifted by one token."""
+        if len(self._drawn) == 0:
+            self._drawn = torch.randint(self.num_tokens - self.block_size, (self.draw_size,), generator=self.generator)
         share = self.batch_size * self.world_size
-        if len(self._drawn) < share:  # none left, or fewer than a share: resumed from a run on fewer processes
-            drawn = torch.randint(self.num_tokens - self.block_size, (self.draw_size,), generator=self.generator)
-            self._drawn = torch.cat([self._drawn, drawn])
         self._last, self._drawn = self._drawn[:share], self._drawn[share:]
         starts = self._last[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         # A fresh memmap per batch, as nanoGPT does: pages read through one long-lived memmap stay

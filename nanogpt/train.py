@@ -299,12 +299,10 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     data_dir = Path(config.data.dir)
     windows = dict(block_size=config.block_size, batch_size=config.batch_size, device=hw.device, generator=t.data_rng,
                    rank=env.rank, world_size=env.world_size)
-    # several processes draw each global batch at once; one process draws a micro-step's batch at a
-    # time, as nanoGPT's get_batch (on a CPU its dropout masks are drawn in between; the windows are
-    # the same either way). Evaluation draws one batch per process at a time, from the same stream,
-    # with its own samplers so that it never takes the training batches drawn ahead
-    draw_size = global_batch if env.is_distributed else None
-    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], draw_size=draw_size, **windows)
+    # training draws each global batch at once; evaluation draws one batch per process at a time,
+    # from the same stream (as nanoGPT's get_batch), with its own samplers so that it never takes
+    # the training batches drawn ahead
+    train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], draw_size=global_batch, **windows)
     eval_batches = {split: RandomWindows(data_dir / f"{split}.bin", data_meta["dtype"], **windows) for split in ("train", "val")}
     progress, rng_state = Progress(), None
     if resume_from is not None:

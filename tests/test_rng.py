@@ -86,27 +86,3 @@ def test_wandb_draws_from_no_stream_of_training(tmp_path):
     metrics.close()
     assert streams() == before
 
-
-def test_a_resume_on_more_processes_continues_the_windows_one_process_drew(tmp_path):
-    """One process draws a micro-step's offsets at a time (nanoGPT's order of draws), so its
-    checkpoint may hold fewer pending offsets than two processes take at once: they draw the rest."""
-    import numpy as np
-
-    from nanogpt.batches import RandomWindows
-
-    path = tmp_path / "train.bin"
-    np.arange(1000, dtype=np.uint16).tofile(path)
-
-    def windows(rank: int = 0, world_size: int = 1, draw_size: int | None = None) -> RandomWindows:
-        return RandomWindows(path, "uint16", block_size=8, batch_size=4, device="cpu", seed=5, rank=rank,
-                             world_size=world_size, draw_size=draw_size)
-
-    one = windows()
-    drawn = [one.next_batch()[0] for _ in range(3)]
-    state = one.state_dict(include_last=True)  # the batch handed out last is the next step's: still to train on
-    expected = [drawn[-1]] + [one.next_batch()[0] for _ in range(3)]
-    ranks = [windows(rank, world_size=2, draw_size=8) for rank in range(2)]
-    for r in ranks:
-        r.load_state_dict(state)
-    resumed = [r.next_batch()[0] for _ in range(2) for r in ranks]  # two steps of the global batch
-    assert all(torch.equal(a, b) for a, b in zip(resumed, expected, strict=True))

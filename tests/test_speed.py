@@ -39,9 +39,7 @@ def nanogpt_lr(it: int, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def nanogpt_loop(config, meta, steps: int, eval_interval: int, eval_iters: int, accum: int = 1):
-    """nanoGPT's train.py on one process; the losses are each step's mean over its `accum`
-    micro-steps (ours; nanoGPT prints the last micro-step's)."""
+def nanogpt_loop(config, meta, steps: int, eval_interval: int, eval_iters: int):
     train_data = np.memmap(Path(config.data.dir) / "train.bin", dtype=np.uint16, mode="r")
     val_data = np.memmap(Path(config.data.dir) / "val.bin", dtype=np.uint16, mode="r")
     B, T = config.batch_size, config.block_size
@@ -79,17 +77,13 @@ def nanogpt_loop(config, meta, steps: int, eval_interval: int, eval_iters: int, 
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = nanogpt_lr(it)
-        loss_sum = 0.0
-        for _ in range(accum):
-            _, loss = model(X, Y)
-            loss = loss / accum
-            X, Y = get_batch("train")
-            loss.backward()
-            loss_sum = loss_sum + loss.detach()
+        _, loss = model(X, Y)
+        X, Y = get_batch("train")
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_sum.item())
+        losses.append(loss.item())
         times.append(time.perf_counter() - t0)
     return losses, evals, times
 
@@ -114,16 +108,13 @@ def cpu_recipe(tmp_path: Path, shakespeare_path: Path, steps: int, eval_interval
     return config, ensure_prepared(config.data)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_our_loop_reproduces_nanogpt_with_dropout(tmp_path, shakespeare_path, accum):
+def test_our_loop_reproduces_nanogpt_with_dropout(tmp_path, shakespeare_path):
     """On a CPU, dropout draws from the global RNG between nanoGPT's batch draws: the same masks
-    need the same order of draws, also with gradient accumulation (on one process)."""
+    need the same order of draws (one process, one micro-step per step, as the recipe has)."""
     steps, eval_interval, eval_iters = 4, 2, 2
     config, meta = cpu_recipe(tmp_path, shakespeare_path, steps, eval_interval, eval_iters, "model.dropout=0.1",
-                              "model.n_layer=2", "model.n_embd=64", "model.block_size=32", "batch_size=8",
-                              f"global_batch_size={8 * accum}",
                               "hardware.peak_flops=null")  # measuring the peak draws nothing either
-    ref_losses, ref_evals, _ = nanogpt_loop(config, meta, steps, eval_interval, eval_iters, accum)
+    ref_losses, ref_evals, _ = nanogpt_loop(config, meta, steps, eval_interval, eval_iters)
     our_losses, our_evals, _ = our_loop(config, meta, tmp_path / "run")
     assert our_losses == ref_losses
     assert our_evals == [pytest.approx(ref, rel=1e-6) for ref in ref_evals]  # means summed in another order
