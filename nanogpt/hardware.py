@@ -131,10 +131,14 @@ def gpu_peak_flops(name: str) -> float | None:
 def measure_peak_flops(device: str, dtype: torch.dtype = torch.float32, trials: int = 5, seconds: float = 0.1) -> float:
     """Achieved FLOP/s of a large square matmul: the reference for MFU where no datasheet peak is
     known (CPUs, unlisted GPUs). MFU against it reads as 'fraction of what this device's matmul
-    actually reaches'. The best of several short trials, so that a busy machine lowers it less."""
+    actually reaches'. The best of several short trials, so that a busy machine lowers it less.
+
+    The operands come from a generator of its own: a measurement must not move the RNG streams
+    that training draws its dropout masks and batches from (a measured and a given peak_flops
+    would otherwise train differently)."""
     n = 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.split(":")[0], lambda: None)
     a @ b  # warm up kernels and caches
     sync()

@@ -113,3 +113,46 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
         return cfg.lr + progress * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def schedule_warnings(cfg: OptimConfig, max_iters: int) -> list[str]:
+    """Where the schedule does not fit a run of max_iters steps, one line each (none: it fits).
+
+    Warnings, not errors: a smoke test of a few steps may well mean its warmup. What they report
+    changes what a run, or a sweep over optim.lr or max_iters, compares: an lr that never reaches
+    optim.lr, one that drops from it at once because the decay ends (wsd: its cooldown starts)
+    before the warmup does, or one that never decays to min_lr. A decay that ends before max_iters
+    is no mistake: the run goes on at min_lr, as nanoGPT's schedule does and as a run extended on
+    resume (which keeps the decay it started with) should. The caller warns at a run's first start."""
+    if max_iters < 1:
+        return []
+    last = max_iters - 1  # the 0-based step of the last update, logged as `iter {max_iters}`
+    warmup, decay = cfg.warmup_iters, cfg.decay_iters
+    if warmup >= max_iters:  # the run ends inside its warmup: nothing after it happens
+        reached = learning_rate(last, cfg)
+        return [f"optim.warmup_iters={warmup} is not shorter than the run (max_iters={max_iters}): the lr never "
+                f"reaches optim.lr={cfg.lr:g} and ends at {reached:.3g} ({reached / cfg.lr:.0%} of it), so runs that "
+                f"differ in optim.lr or max_iters differ in how far they warmed up too; set optim.warmup_iters below "
+                f"max_iters (e.g. optim.warmup_iters={max_iters // 20}: 5% of the run, as in nanoGPT's recipes)"]
+    if cfg.schedule == Schedule.constant:
+        return []
+    if cfg.schedule == Schedule.wsd:
+        cooldown_start = decay * (1 - cfg.cooldown_fraction)
+        if cooldown_start < warmup:
+            fix = ("lower optim.cooldown_fraction" if cfg.cooldown_fraction == 1 else
+                   f"set optim.decay_iters to at least {math.ceil(warmup / (1 - cfg.cooldown_fraction))}")
+            return [f"optim.decay_iters={decay} starts its cooldown (the last optim.cooldown_fraction="
+                    f"{cfg.cooldown_fraction:g} of it) at step {cooldown_start:g}, before the warmup of "
+                    f"optim.warmup_iters={warmup} ends: the lr climbs towards optim.lr={cfg.lr:g}, then drops at once "
+                    f"to {learning_rate(warmup, cfg):.3g} at iter {warmup + 1}; {fix}, or lower optim.warmup_iters"]
+    elif decay <= warmup and max(warmup, decay + 1) <= last:  # cosine: min_lr from the first step after decay_iters
+        drop = max(warmup, decay + 1)
+        return [f"optim.decay_iters={decay} ends the decay no later than the warmup of optim.warmup_iters={warmup}: the "
+                f"lr climbs towards optim.lr={cfg.lr:g}, then drops at once to optim.min_lr={cfg.min_lr:g} at iter "
+                f"{drop + 1}; set optim.decay_iters above {warmup} (by default it is max_iters), or lower "
+                f"optim.warmup_iters"]
+    if decay > max_iters:
+        return [f"optim.decay_iters={decay} is beyond the run's end (max_iters={max_iters}): the lr never decays to "
+                f"optim.min_lr={cfg.min_lr:g} and ends at {learning_rate(last, cfg):.3g}; set "
+                f"optim.decay_iters={max_iters} (by default it is max_iters), unless the run is to be extended"]
+    return []

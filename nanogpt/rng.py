@@ -1,7 +1,10 @@
 """Every random number generator a training step draws from, captured and restored as a whole.
 
 Dropout draws from torch's generator of its device (CPU, CUDA or MPS), anything a user adds may draw from Python's
-`random` or NumPy's global generator: an exact resume restores them all. The state is kept as
+`random` or NumPy's global generator: an exact resume restores them all. (One process also draws its
+batches from torch's CPU generator, as nanoGPT does: see train.build_training.) Nothing else may
+draw from them between the seed and the end of training: a probe or a logger that needs random
+numbers uses a torch.Generator of its own. The state is kept as
 tensors and plain values, so it travels in a checkpoint that loads with `weights_only=True`.
 """
 

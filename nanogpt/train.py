@@ -67,7 +67,7 @@ class Training:
     model: "torch.nn.Module"  # raw_model, or its torch.compile wrapper
     optimizer: "torch.optim.Optimizer"
     scaler: "torch.amp.GradScaler"
-    data_rng: "torch.Generator"  # the stream every batch is drawn from (the same on every rank)
+    data_rng: "torch.Generator"  # the stream every batch is drawn from (the same on every rank; see build_training)
     env: DistEnv = DistEnv()  # this process's rank in the run
     fsdp: bool = False  # raw_model is sharded across the ranks (FSDP2)
 
@@ -86,13 +86,18 @@ def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(
         hw.device = device
     torch.manual_seed(config.seed)  # the same on every rank: the same initial weights
     raw_model = build_model(config, data_meta).to(hw.device)
-    # Batches come from one stream, forked from the global RNG right after the model's init and
-    # shared by training and evaluation draws: that is exactly the stream nanoGPT's get_batch
-    # draws from, so with the same seed a run sees nanoGPT's batches and reproduces its numbers.
-    # (As in nanoGPT, changing eval_interval or eval_iters therefore changes later batches.)
-    data_rng = torch.Generator().set_state(torch.get_rng_state())
+    # Batches (training and evaluation draws alike) come from one stream that starts where the
+    # model's init left the global RNG: the stream nanoGPT's get_batch draws from, so with the same
+    # seed a run sees nanoGPT's batches. (As in nanoGPT, changing eval_interval or eval_iters
+    # therefore changes later batches.) One process draws from the global CPU generator itself,
+    # as nanoGPT does: on a CPU, dropout draws from it too, between the batches, and only this
+    # order gives nanoGPT's dropout masks. Several processes share a copy of it, the same on
+    # every rank, while each rank draws its own dropout masks.
     if env.is_distributed:
-        torch.manual_seed(config.seed + env.rank)  # each rank its own dropout masks
+        data_rng = torch.Generator().set_state(torch.get_rng_state())
+        torch.manual_seed(config.seed + env.rank)
+    else:
+        data_rng = torch.default_generator
     fsdp = env.is_distributed and config.hardware.fsdp
     if fsdp:  # in place, before the optimizer sees the parameters: it must hold only this rank's shards
         sharding.wrap(raw_model, hw.device, env, fsdp=True)
@@ -252,8 +257,13 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
                         state["evaluated"])
     rng_states = state["rng"]
     if len(rng_states) != t.env.world_size:
+        # one process on a CPU draws its dropout masks from the batches' stream, several do not (build_training)
+        same_batches = t.raw_model.config.dropout == 0 or t.hw.device_type != "cpu"
+        data = ("the data order continues exactly" if same_batches else
+                "the data stream continues, but with dropout on a CPU one process draws its masks from it and "
+                "several do not, so the later batches differ")
         log.info(f"the checkpoint holds the RNG states of {len(rng_states)} processes and this run has "
-                 f"{t.env.world_size}: the data order continues exactly; dropout masks start anew")
+                 f"{t.env.world_size}: {data}; dropout masks start anew")
         return progress, None
     return progress, rng_states[t.env.rank]
 
@@ -283,11 +293,15 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics, NoMetrics
-    from nanogpt.optim import set_learning_rate
-
+    from nanogpt.optim import schedule_warnings, set_learning_rate
     from nanogpt.startup import clock
 
     clock.mark("run dir" if clock.phases else "interpreter, config and run dir")
+    # once, in the run's log, before anything is computed; not again when the run continues: it keeps
+    # the schedule it started with (and, extended past its decay, goes on at min_lr by design)
+    if env.is_main and not config.eval_only and resume_from is None:
+        for warning in schedule_warnings(config.optim, config.max_iters):
+            log.warning(warning)
     accum = check_world_size(config, env.world_size)
     global_batch = config.batch_size * env.world_size * accum
     t = build_training(config, data_meta, env, device)

@@ -97,16 +97,35 @@ def our_loop(config, meta, run_dir: Path):
     return [r["loss"] for r in trains], evals, [r["ms_per_iter"] / 1e3 for r in trains]
 
 
+def cpu_recipe(tmp_path: Path, shakespeare_path: Path, steps: int, eval_interval: int, eval_iters: int, *overrides: str):
+    """nanoGPT's CPU recipe (our default), run for `steps` of its 2,000-step schedule."""
+    config = to_train_config(compose("train", [
+        f"data.source={shakespeare_path}", f"data.dir={tmp_path / 'data'}", "hardware=cpu",
+        f"max_iters={steps}", f"eval_interval={eval_interval}", f"eval_iters={eval_iters}", "log_interval=1",
+        "save_checkpoints=false", "hardware.peak_flops=1e11", *overrides,
+    ]))
+    config = replace(config, optim=replace(config.optim, decay_iters=2000))  # the recipe's schedule
+    return config, ensure_prepared(config.data)
+
+
+def test_our_loop_reproduces_nanogpt_with_dropout(tmp_path, shakespeare_path):
+    """On a CPU, dropout draws from the global RNG between nanoGPT's batch draws: the same masks
+    need the same order of draws (one process, one micro-step per step, as the recipe has)."""
+    steps, eval_interval, eval_iters = 4, 2, 2
+    config, meta = cpu_recipe(tmp_path, shakespeare_path, steps, eval_interval, eval_iters, "model.dropout=0.1",
+                              "hardware.peak_flops=null")  # measuring the peak draws nothing either
+    ref_losses, ref_evals, _ = nanogpt_loop(config, meta, steps, eval_interval, eval_iters)
+    our_losses, our_evals, _ = our_loop(config, meta, tmp_path / "run")
+    assert our_losses == ref_losses
+    assert our_evals == [pytest.approx(ref, rel=1e-6) for ref in ref_evals]  # means summed in another order
+    no_dropout, _, _ = nanogpt_loop(replace(config, model=replace(config.model, dropout=0.0)), meta, 1, 1, 1)
+    assert our_losses[0] != no_dropout[0]  # the masks were drawn
+
+
 @pytest.mark.slow
 def test_our_loop_reproduces_nanogpt_and_prints_the_speed_ratio(tmp_path, shakespeare_path, capsys):
     eval_interval, eval_iters = 20, 3
-    config = to_train_config(compose("train", [
-        f"data.source={shakespeare_path}", f"data.dir={tmp_path / 'data'}", "hardware=cpu",
-        f"max_iters={STEPS}", f"eval_interval={eval_interval}", f"eval_iters={eval_iters}", "log_interval=1",
-        "save_checkpoints=false", "hardware.peak_flops=1e11",
-    ]))
-    config = replace(config, optim=replace(config.optim, decay_iters=2000))  # the recipe's schedule
-    meta = ensure_prepared(config.data)
+    config, meta = cpu_recipe(tmp_path, shakespeare_path, STEPS, eval_interval, eval_iters)
 
     ratios = []
     for round_ in range(ROUNDS):
