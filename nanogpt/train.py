@@ -51,7 +51,7 @@ def build_model(config: TrainConfig, data_meta: dict):
     weights.check_matches(config.model, pretrained.model_config, config.init_from)
     weights.check_tokenizer(pretrained, data_meta, config.init_from, config.data.name)
     model = GPT(replace(pretrained.model_config, dropout=config.model.dropout))
-    model.load_state_dict(pretrained.state_dict)
+    weights.load_into(model, pretrained.state_dict, pretrained.source)
     if config.model.block_size < model.config.block_size:
         model.crop_block_size(config.model.block_size)
     log.info(f"initialised from {pretrained.source}")
