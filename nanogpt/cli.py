@@ -128,12 +128,14 @@ def user_errors():
         exit_with_error(e)
 
 
-def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:
+def hydra_entrypoint(task: Callable[[], None], nanogpt_script: str | None = None) -> Callable[[], None]:
     """Wrap a @hydra.main function so user mistakes end in one line on stderr and exit status 2.
 
     Hydra prints composition errors over several lines; we ask it to raise instead
     (HYDRA_FULL_ERROR) and print them condensed. A user who sets HYDRA_FULL_ERROR=1 still gets
-    the full traceback.
+    the full traceback. A nanoGPT habit on the command line (`--max_iters=100`, `compile=False`
+    for nanoGPT's `nanogpt_script`) is answered with the spelling that works here, before Hydra's
+    argparse prints its usage.
     """
 
     @functools.wraps(task)
@@ -143,6 +145,9 @@ def hydra_entrypoint(task: Callable[[], None]) -> Callable[[], None]:
         user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
+            from nanogpt.from_nanogpt import check_argv
+
+            check_argv(sys.argv[1:], nanogpt_script)
             register_configs()
             task()
         except (UserError, HydraException) as e:  # composition errors are HydraExceptions

@@ -100,7 +100,7 @@ def _main(cfg: DictConfig) -> None:
             print("---------------")
 
 
-main = hydra_entrypoint(_main)
+main = hydra_entrypoint(_main, nanogpt_script="sample")
 
 if __name__ == "__main__":
     main()

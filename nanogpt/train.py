@@ -270,7 +270,7 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     With several processes every rank runs this; only rank 0 writes metrics and checkpoints."""
     import torch
 
-    from nanogpt import distributed, rng, sharding
+    from nanogpt import distributed, from_nanogpt, rng, sharding
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics, NoMetrics
@@ -290,7 +290,9 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
     train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], draw_size=global_batch, **windows)
     eval_batches = {split: RandomWindows(data_dir / f"{split}.bin", data_meta["dtype"], **windows) for split in ("train", "val")}
     progress, rng_state = Progress(), None
-    if resume_from is not None:
+    if resume_from is not None and from_nanogpt.is_checkpoint(resume_from):  # as nanoGPT's own resume
+        progress = Progress(*from_nanogpt.restore(t, resume_from, data_meta, config))
+    elif resume_from is not None:
         progress, rng_state = restore(t, resume_from, data_meta, train_batches, global_batch)
     start_step = progress.step
 
@@ -451,12 +453,13 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
     """The newest good checkpoint of the run dir when the run continues (resume is not never);
     refuses it if the config changed in a way a continued run may not. whole=False maps the file
     instead of reading it (for a caller that only looks at its config and step)."""
+    from nanogpt import from_nanogpt
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.resume import refuse_changes, refuse_overwrite
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
-    if not checkpoints.candidates():
-        return None, None
+    if not checkpoints.candidates():  # a fresh run dir, or one continuing a nanoGPT run that has not saved yet
+        return from_nanogpt.checkpoint_to_resume(config)
     if config.resume == "never":
         refuse_overwrite(run_dir)
     payload, path = checkpoints.load_latest_good(mmap=not whole)
@@ -515,7 +518,7 @@ def _main(cfg: DictConfig) -> dict:
         return result
 
 
-main = hydra_entrypoint(_main)
+main = hydra_entrypoint(_main, nanogpt_script="train")
 
 if __name__ == "__main__":
     main()

@@ -115,6 +115,12 @@ def normalize_state_dict(raw: dict, conv1d: bool = False) -> dict:
 
 def load_into(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Load weights into model, or say in one line every key and shape that does not fit."""
+    check_fits(model, state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_fits(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """A UserError naming the missing and unexpected keys and the wrong shapes, all in one line."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -128,7 +134,6 @@ def load_into(model: torch.nn.Module, state_dict: dict, source: str) -> None:
                                                                      else []) + shapes[:4]
     if problems:
         raise UserError(f"the weights of {source} do not fit the model: {'; '.join(problems)}")
-    model.load_state_dict(state_dict)
 
 
 def nanogpt_meta(payload: dict, path: Path) -> dict | None:
