@@ -64,16 +64,6 @@ def sample(cfg: SampleConfig) -> list[str]:
     prompt = read_prompt(cfg)
     hw = hardware.resolve(cfg.hardware)
     pretrained = weights.load(cfg.init_from, which=cfg.checkpoint)
-    tokenizer = load_tokenizer(cfg, pretrained)
-    if tokenizer.vocab_size > pretrained.model_config.vocab_size:
-        raise UserError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {pretrained.model_config.vocab_size}: "
-            f"set tokenizer= to the one the model was trained with"
-        )
-    ids = getattr(tokenizer, "encode_prompt", tokenizer.encode)(prompt)
-    if not ids:
-        raise UserError("the prompt is empty after tokenization: give at least one character")
-
     # nanoGPT's sample.py order, so that the same seed writes the same text: seed, build the model
     # (its init draws from the RNG, before the weights replace it), load, then draw every token from
     # the global RNG. The KV cache draws the same tokens (tests/test_from_nanogpt.py checks both).
@@ -81,6 +71,16 @@ def sample(cfg: SampleConfig) -> list[str]:
     model = GPT(pretrained.model_config)
     weights.load_into(model, pretrained.state_dict, pretrained.source)
     model.eval().to(hw.device)
+
+    tokenizer = load_tokenizer(cfg, pretrained)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
+            f"set tokenizer= to the one the model was trained with"
+        )
+    ids = getattr(tokenizer, "encode_prompt", tokenizer.encode)(prompt)
+    if not ids:
+        raise UserError("the prompt is empty after tokenization: give at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=hw.device)[None, :]
     samples = []
     with torch.no_grad(), hw.autocast():

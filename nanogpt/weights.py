@@ -146,7 +146,7 @@ def nanogpt_meta(payload: dict, path: Path) -> dict | None:
     dirs = [path.parent] + ([Path("data") / dataset] if dataset else [])
     for candidate in (d / name for d in dirs for name in ("meta.json", "meta.pkl")):
         if candidate.is_file():
-            log.info(f"tokenizer: {candidate}")
+            log.debug(f"tokenizer: {candidate}")
             return tokenizer.load(str(candidate)).meta()
     return None
 
