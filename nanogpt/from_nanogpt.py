@@ -99,7 +99,7 @@ HYDRA_FLAGS = ("cfg", "config-dir", "config-name", "config-path", "experimental-
                "multirun", "package", "resolve", "run", "shell-completion", "version")
 
 
-def _hydra_value(value: Any) -> str:
+def hydra_value(value: Any) -> str:
     """A nanoGPT value (Python literal text, or the value itself) as Hydra writes it."""
     text = str(value)
     return {"True": "true", "False": "false", "None": "null"}.get(text, text)
@@ -108,17 +108,18 @@ def _hydra_value(value: Any) -> str:
 def spelling(script: str | None, key: str, value: Any = None) -> Key | None:
     """The row of KEYS for nanoGPT's key (and value) in one of its scripts; None: not nanoGPT's."""
     rows = [k for k in KEYS if script is None or script in k.scripts.split()]
-    text = _hydra_value(value) if value is not None else None
+    text = hydra_value(value) if value is not None else None
     for row in rows:
         if text is not None and row.nanogpt.lower() == f"{key}={text}".lower():
             return row
     return next((row for row in rows if row.nanogpt == key), None)
 
 
-def _spell(row: Key, value: Any) -> str:
+def override_for(row: Key, value: Any) -> str:
+    """The override(s) that do here what row's nanoGPT key does with value."""
     if row.ours is None:
         return "nothing"
-    text = "VALUE" if value in (None, "") else _hydra_value(value)
+    text = "VALUE" if value in (None, "") else hydra_value(value)
     if row.nanogpt == "device":
         text = re.sub(r":\d+$", "", text)
     return row.ours.replace("{v}", text)
@@ -138,7 +139,7 @@ def check_argv(argv: list[str], script: str | None) -> None:
             row = spelling(script, name, value)
             if row is None or row.ours == f"{name}={{v}}":
                 raise UserError(f"use {name}={value or 'VALUE'} (Hydra overrides have no dashes)")
-            raise UserError(f"use {_spell(row, value)} (Hydra overrides have no dashes; {_why(row, name)})")
+            raise UserError(f"use {override_for(row, value)} (Hydra overrides have no dashes; {_why(row, name)})")
         if arg.endswith(".py") and "=" not in arg and not arg.startswith("-"):
             name = Path(arg).stem
             fix = f"experiment={CONFIG_FILES[name]}" if name in CONFIG_FILES else "experiment=NAME (see experiments/)"
@@ -152,7 +153,7 @@ def check_argv(argv: list[str], script: str | None) -> None:
             continue  # ours too (batch_size, max_iters, ...)
         if row.ours is None:
             raise UserError(f"{arg} is nanoGPT's key, with no counterpart here: {row.note}")
-        raise UserError(f"{arg} is nanoGPT's key: here it is {_spell(row, value)}" + (f" ({row.note})" if row.note else ""))
+        raise UserError(f"{arg} is nanoGPT's key: here it is {override_for(row, value)}" + (f" ({row.note})" if row.note else ""))
 
 
 def _why(row: Key, name: str) -> str:
@@ -214,7 +215,7 @@ def run_config(path: Path, composed):
         row = spelling("train", key, value)
         if row is None or row.ours is None:
             continue
-        for override in _spell(row, value).split():
+        for override in override_for(row, value).split():
             name, _, text = override.partition("=")
             values[name] = value if "{v}" in row.ours else yaml.safe_load(text)
     values["logger.name"] = "wandb" if theirs.get("wandb_log") else "none"

@@ -222,7 +222,7 @@ def test_every_nanogpt_key_is_answered_with_a_spelling_that_composes(script):
     for row in (row for row in from_nanogpt.KEYS if script in row.scripts.split()):
         key, _, value = row.nanogpt.partition("=")
         value = value or VALUES.get(key, "1")
-        spelled = from_nanogpt._spell(row, value)
+        spelled = from_nanogpt.override_for(row, value)
         if key in schema and "=" not in row.nanogpt:
             together.append(f"{key}={value}")  # ours too
         else:
