@@ -113,7 +113,7 @@ def _main(cfg: DictConfig) -> dict:
         return run_benchmark(to_train_config(cfg))
 
 
-main = hydra_entrypoint(_main)
+main = hydra_entrypoint(_main, nanogpt_script="bench")
 
 if __name__ == "__main__":
     main()

@@ -219,14 +219,16 @@ def show_planned_config(config_name: str, plan: Callable, argv: list[str]) -> bo
     return True
 
 
-def hydra_entrypoint(task: Callable[[], None], config_name: str | None = None,
-                     plan: Callable | None = None) -> Callable[[], None]:
+def hydra_entrypoint(task: Callable[[], None], config_name: str | None = None, plan: Callable | None = None,
+                     nanogpt_script: str | None = None) -> Callable[[], None]:
     """Wrap a @hydra.main function so user mistakes end in one line on stderr and exit status 2.
 
     Hydra prints composition errors over several lines; we ask it to raise instead
     (HYDRA_FULL_ERROR) and print them condensed. A user who sets HYDRA_FULL_ERROR=1 still gets
     the full traceback. With `plan` (a function that plans a composed config in place, as the run
-    does), `--cfg` shows the config that would run (`show_planned_config`).
+    does), `--cfg` shows the config that would run (`show_planned_config`). A nanoGPT habit on the
+    command line (`--max_iters=100`, `compile=False` for nanoGPT's `nanogpt_script`) is answered
+    with the spelling that works here, before Hydra's argparse prints its usage.
     """
 
     @functools.wraps(task)
@@ -236,6 +238,9 @@ def hydra_entrypoint(task: Callable[[], None], config_name: str | None = None,
         user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
+            from nanogpt.from_nanogpt import check_argv
+
+            check_argv(sys.argv[1:], nanogpt_script)
             register_configs()
             if plan is None or not show_planned_config(config_name, plan, sys.argv[1:]):
                 task()

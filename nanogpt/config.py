@@ -193,7 +193,7 @@ class SampleConfig:
     # (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF GPT-2 dir
     init_from: str = MISSING
     checkpoint: str = "best"  # for a run dir: best | last
-    prompt: str = "\n"
+    prompt: str = "\n"  # FILE:path reads the prompt from that file, as nanoGPT's --start=FILE:path
     prompt_file: Optional[str] = None  # read the prompt from this file instead
     tokenizer: Optional[str] = None  # meta.json / nanoGPT meta.pkl / tiktoken name; None: from init_from
     num_samples: int = 3

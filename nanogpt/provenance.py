@@ -168,6 +168,8 @@ class RunRecord:
             warnings = []
             self.record = {"status": "running", **this_start, "end_time": None, "world_size": world_size, "seed": seed,
                            "versions": versions(), "machine": machine()}
+            if resumed_from is not None:  # a fresh dir that continues another run's checkpoint (a nanoGPT ckpt.pt)
+                self.record["continues"] = {"checkpoint": str(resumed_from[0]), "step": resumed_from[1]}
             if reproduced_from is not None:
                 source = _read_json(Path(reproduced_from) / "provenance.json")
                 warnings = code_differences(source.get("git", {}), this_start["git"])

@@ -6,6 +6,8 @@
     resume=never       start from step 0; refused in a run dir that holds checkpoints.
     resume=<run dir>   continue that run, in its dir, with the config it snapshotted
                        (config.resolved.yaml); only RESUMABLE keys may be overridden.
+    resume=<nanoGPT ckpt.pt or out_dir>  continue a nanoGPT run as its --init_from=resume does, in
+                       a fresh run dir, with the config its checkpoint records (nanogpt/from_nanogpt.py).
     reproduce=<run dir>  train that run's config (its .hydra/config.yaml) again in a fresh run dir;
                        key=value and group overrides apply on top of it.
 
@@ -148,7 +150,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
     """Point the run dir and the task config at what resume/reproduce ask (mutates cfg), after
     taking the run dir's lock (runlock.hold). preview (--cfg job): the same plan, without the lock
     and without verifying the checkpoints' hashes, so that it writes nothing and answers at once."""
-    from nanogpt import runlock
+    from nanogpt import from_nanogpt, runlock
 
     resume, reproduce = cfg.resume, cfg.reproduce
     if reproduce is not None:
@@ -158,6 +160,12 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
         snapshot.reproduce = str(source.resolve())
         snapshot.resume = resume
         replace_task_config(cfg, snapshot, source)
+    elif resume not in CHOICES and (ckpt := from_nanogpt.checkpoint_file(resume)) is not None:
+        # a nanoGPT run, continued in a fresh run dir of ours with the config its ckpt.pt records
+        snapshot = from_nanogpt.run_config(ckpt, _task_part(cfg))
+        _apply_overrides(snapshot, cfg, f"resume={resume}", allowed=is_resumable)
+        snapshot.resume = str(ckpt.resolve())
+        replace_task_config(cfg, snapshot, ckpt)
     elif resume not in CHOICES:
         source = existing_run_dir(resume, "resume", "config.resolved.yaml")
         if not preview:  # the run continues in its own dir: a live owner is the first thing to name

@@ -15,12 +15,20 @@ log = logging.getLogger("nanogpt")
 
 
 def read_prompt(cfg: SampleConfig) -> str:
-    if cfg.prompt_file is None:
+    """The prompt: prompt_file's text, prompt=FILE:path's (nanoGPT's way, `--start=FILE:prompt.txt`),
+    or prompt itself."""
+    if cfg.prompt_file is None and not cfg.prompt.startswith("FILE:"):
         return cfg.prompt
-    path = Path(cfg.prompt_file).expanduser()
+    key, name = ("prompt_file", cfg.prompt_file) if cfg.prompt_file is not None else ("prompt", cfg.prompt[5:])
+    spelled = f"{key}={cfg.prompt_file if key == 'prompt_file' else cfg.prompt}"
+    path = Path(name).expanduser()
     if not path.is_file():
-        raise UserError(f"prompt_file={cfg.prompt_file} does not exist: give an existing file, or use prompt=TEXT")
-    return path.read_text(encoding="utf-8")
+        raise UserError(f"{spelled} does not exist: give an existing file, or use prompt=TEXT")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{spelled}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                        f"save it as UTF-8") from e
 
 
 def check_options(cfg: SampleConfig) -> None:
@@ -33,25 +41,15 @@ def check_options(cfg: SampleConfig) -> None:
 
 
 def load_tokenizer(cfg: SampleConfig, pretrained):
-    """The tokenizer of the weights: from the tokenizer option, the checkpoint's own data meta,
-    or, for a nanoGPT checkpoint, its dataset's meta.pkl; GPT-2 BPE when nothing says otherwise
-    (as nanoGPT's sample.py assumes)."""
+    """The tokenizer of the weights: from the tokenizer option, or the one the weights came with
+    (our checkpoints carry their dataset's meta; a nanoGPT ckpt.pt its dataset's meta.pkl, see
+    weights.nanogpt_meta); GPT-2 BPE when nothing says otherwise (as nanoGPT's sample.py assumes)."""
     from nanogpt import tokenizer as tok
 
     if cfg.tokenizer is not None:
         return tok.load(cfg.tokenizer)
     if pretrained.data_meta is not None:
         return tok.from_meta(pretrained.data_meta)
-    if pretrained.payload is not None:  # a nanoGPT ckpt.pt: its meta.pkl lives with the dataset
-        dataset = (pretrained.payload.get("config") or {}).get("dataset")
-        ckpt_dir = Path(cfg.init_from) if Path(cfg.init_from).is_dir() else Path(cfg.init_from).parent
-        candidates = [ckpt_dir / "meta.json", ckpt_dir / "meta.pkl"]
-        if dataset:
-            candidates += [Path("data") / dataset / "meta.json", Path("data") / dataset / "meta.pkl"]
-        for candidate in candidates:
-            if candidate.is_file():
-                log.info(f"tokenizer: {candidate}")
-                return tok.load(str(candidate))
     log.info("tokenizer: no meta found with the checkpoint, assuming GPT-2 BPE (set tokenizer=... otherwise)")
     return tok.load("gpt2")
 
@@ -66,27 +64,28 @@ def sample(cfg: SampleConfig) -> list[str]:
     prompt = read_prompt(cfg)
     hw = hardware.resolve(cfg.hardware)
     pretrained = weights.load(cfg.init_from, which=cfg.checkpoint)
-    tokenizer = load_tokenizer(cfg, pretrained)
-
+    # nanoGPT's sample.py order, so that the same seed writes the same text: seed, build the model
+    # (its init draws from the RNG, before the weights replace it), load, then draw every token from
+    # the global RNG. The KV cache draws the same tokens (tests/test_from_nanogpt.py checks both).
+    torch.manual_seed(cfg.seed)
     model = GPT(pretrained.model_config)
-    model.load_state_dict(pretrained.state_dict)
+    weights.load_into(model, pretrained.state_dict, pretrained.source)
     model.eval().to(hw.device)
+
+    tokenizer = load_tokenizer(cfg, pretrained)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
             f"set tokenizer= to the one the model was trained with"
         )
-
     ids = getattr(tokenizer, "encode_prompt", tokenizer.encode)(prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization: give at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=hw.device)[None, :]
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=hw.device).manual_seed(cfg.seed)
     samples = []
     with torch.no_grad(), hw.autocast():
         for _ in range(cfg.num_samples):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator,
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                use_cache=cfg.kv_cache)
             samples.append(tokenizer.decode(y[0].tolist()))
     return samples
@@ -101,7 +100,7 @@ def _main(cfg: DictConfig) -> None:
             print("---------------")
 
 
-main = hydra_entrypoint(_main)
+main = hydra_entrypoint(_main, nanogpt_script="sample")
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ def build_model(config: TrainConfig, data_meta: dict):
     weights.check_matches(config.model, pretrained.model_config, config.init_from)
     weights.check_tokenizer(pretrained, data_meta, config.init_from, config.data.name)
     model = GPT(replace(pretrained.model_config, dropout=config.model.dropout))
-    model.load_state_dict(pretrained.state_dict)
+    weights.load_into(model, pretrained.state_dict, pretrained.source)
     if config.model.block_size < model.config.block_size:
         model.crop_block_size(config.model.block_size)
     log.info(f"initialised from {pretrained.source}")
@@ -289,7 +289,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
            env: DistEnv, device: str | None, stop: StopRequest) -> dict:
     import torch
 
-    from nanogpt import distributed, rng, sharding
+    from nanogpt import distributed, from_nanogpt, rng, sharding
     from nanogpt.batches import RandomWindows
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.metrics import Metrics, NoMetrics
@@ -317,7 +317,9 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     train_batches = RandomWindows(data_dir / "train.bin", data_meta["dtype"], draw_size=global_batch, **windows)
     eval_batches = {split: RandomWindows(data_dir / f"{split}.bin", data_meta["dtype"], **windows) for split in ("train", "val")}
     progress, rng_state = Progress(), None
-    if resume_from is not None:
+    if resume_from is not None and from_nanogpt.is_checkpoint(resume_from):  # as nanoGPT's own resume
+        progress = Progress(*from_nanogpt.restore(t, resume_from, data_meta, config))
+    elif resume_from is not None:
         progress, rng_state = restore(t, resume_from, data_meta, train_batches, global_batch)
     start_step = progress.step
 
@@ -539,14 +541,15 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
     """The newest good checkpoint of the run dir when the run continues (resume is not never);
     refuses it if the config changed in a way a continued run may not. whole=False maps the file
     instead of reading it (for a caller that only looks at its config and step)."""
+    from nanogpt import from_nanogpt
     from nanogpt.checkpoint import CheckpointDir
     from nanogpt.resume import refuse_changes, refuse_overwrite
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     for partial in checkpoints.remove_partial_writes():  # also of a save before the first checkpoint
         log.info(f"removed {partial.name}, left by a save that was interrupted")
-    if not checkpoints.candidates():
-        return None, None
+    if not checkpoints.candidates():  # a fresh run dir, or one continuing a nanoGPT run that has not saved yet
+        return from_nanogpt.checkpoint_to_resume(config)
     if config.resume == "never":
         refuse_overwrite(run_dir)
     payload, path = checkpoints.load_latest_good(mmap=not whole, belongs=lambda p: another_runs(p, resolved))
@@ -621,7 +624,7 @@ def _plan_without_lock(cfg: DictConfig) -> None:
     plan_run(cfg, preview=True)
 
 
-main = hydra_entrypoint(_main, "train", plan=_plan_without_lock)
+main = hydra_entrypoint(_main, "train", plan=_plan_without_lock, nanogpt_script="train")
 
 if __name__ == "__main__":
     main()

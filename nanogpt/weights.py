@@ -4,7 +4,8 @@
   - a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl): downloaded from the HuggingFace hub;
   - a local HuggingFace GPT-2 dir (config.json + model.safetensors or pytorch_model.bin);
   - one of our run dirs or checkpoint files;
-  - a nanoGPT ckpt.pt (Karpathy's format, for users migrating).
+  - a nanoGPT ckpt.pt, or the out_dir that holds it (Karpathy's format, for users migrating).
+Every state dict goes through `normalize_state_dict`, and into a model through `load_into`.
 Everything is read with safetensors or `torch.load(weights_only=True)`: no pickled code runs.
 """
 
@@ -54,6 +55,8 @@ def locate(init_from: str, which: str = "best") -> Path | str:
             f"init_from={init_from!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a HF dir, a run dir or a "
             f"checkpoint file that exists"
         )
+    if path.is_dir() and (path / "ckpt.pt").is_file() and not (path / "checkpoints").is_dir():
+        return path / "ckpt.pt"  # a nanoGPT out_dir: what its --init_from=resume reads
     if path.is_dir() and not (path / "config.json").is_file():
         return checkpoint.find_in_run_dir(path, which)
     return path
@@ -79,12 +82,73 @@ def load(init_from: str, which: str = "best") -> Pretrained:
         return load_hf_dir(where, source=str(where))
     payload = checkpoint.load_verified(where)  # a corrupt file is named, not trained or sampled from
     config = _model_config_of(payload, where)
+    state_dict = normalize_state_dict(payload["model"])
     if checkpoint.is_ours(payload):
-        return Pretrained(config, payload["model"], payload.get("data_meta"), str(where), payload)
-    # nanoGPT: torch.compile'd models save their keys with an `_orig_mod.` prefix
-    state_dict = {re.sub(r"^_orig_mod\.", "", k): v for k, v in payload["model"].items()}
-    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
-    return Pretrained(config, state_dict, None, f"{where} (nanoGPT checkpoint)", payload)
+        return Pretrained(config, state_dict, payload.get("data_meta"), str(where), payload)
+    return Pretrained(config, state_dict, nanogpt_meta(payload, where), f"{where} (nanoGPT checkpoint)", payload)
+
+
+def normalize_state_dict(raw: dict, conv1d: bool = False) -> dict:
+    """The one way a state dict from anywhere (ours, nanoGPT's ckpt.pt, HuggingFace's GPT-2) becomes
+    our model's keys: every loader goes through here, so a quirk fixed once is fixed for all.
+
+    - `_orig_mod.` (a torch.compile'd model, as nanoGPT saves it) and `module.` (a DDP wrapper) prefixes go;
+    - `attn.bias` / `attn.masked_bias` are causal-mask buffers (nanoGPT saves them when PyTorch has no
+      flash attention; old HF checkpoints always), not weights: dropped;
+    - HF's GPT2Model leaves out the `transformer.` prefix; conv1d: HF's Conv1D stores its weights
+      transposed relative to nn.Linear;
+    - a tied head is often not saved: it is the token embedding."""
+    state_dict = {}
+    for key, tensor in raw.items():
+        key = re.sub(r"^(_orig_mod\.|module\.)+", "", key)
+        if re.search(r"\.attn\.(masked_)?bias$", key):
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = f"transformer.{key}"
+        if conv1d and key.endswith(_CONV1D):
+            tensor = tensor.t().contiguous()
+        state_dict[key] = tensor
+    if "transformer.wte.weight" in state_dict:
+        state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
+    return state_dict
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Load weights into model, or say in one line every key and shape that does not fit."""
+    check_fits(model, state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_fits(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """A UserError naming the missing and unexpected keys and the wrong shapes, all in one line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} is {tuple(state_dict[k].shape)} there and {tuple(v.shape)} here"
+              for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    problems = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(unexpected)}"] if unexpected
+                                                                     else []) + shapes[:4]
+    if problems:
+        raise UserError(f"the weights of {source} do not fit the model: {'; '.join(problems)}")
+
+
+def nanogpt_meta(payload: dict, path: Path) -> dict | None:
+    """The char vocabulary of a nanoGPT ckpt.pt: its dataset's meta.pkl (or the meta.json made from
+    it), beside the checkpoint or in data/<dataset>/ (where nanoGPT's sample.py looks). None: not
+    found (nanoGPT then assumes GPT-2 BPE)."""
+    from nanogpt import tokenizer
+
+    dataset = (payload.get("config") or {}).get("dataset") if isinstance(payload.get("config"), dict) else None
+    dirs = [path.parent] + ([Path("data") / dataset] if dataset else [])
+    for candidate in (d / name for d in dirs for name in ("meta.json", "meta.pkl")):
+        if candidate.is_file():
+            log.debug(f"tokenizer: {candidate}")
+            return tokenizer.load(str(candidate)).meta()
+    return None
 
 
 def _model_config_of(payload: dict, path: Path) -> ModelConfig:
@@ -155,15 +219,7 @@ def load_hf_dir(path: Path, source: str) -> Pretrained:
     else:
         raise UserError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
 
-    state_dict = {}
-    for key, tensor in raw.items():
-        key = key.removeprefix("transformer.") if not key.startswith("lm_head") else key
-        if re.search(r"\.attn\.(masked_)?bias$", key):  # old causal-mask buffers, not weights
-            continue
-        if key.endswith(_CONV1D):
-            tensor = tensor.t()
-        state_dict[key if key.startswith("lm_head") else f"transformer.{key}"] = tensor.contiguous()
-    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])  # tied; often not saved
+    state_dict = normalize_state_dict(raw, conv1d=True)
     return Pretrained(config, state_dict, gpt2_meta(), source)
 
 
@@ -183,21 +239,20 @@ def _override(key: str, value) -> str:
 
 
 def check_matches(configured: ModelConfig, loaded: ModelConfig, init_from: str) -> None:
-    """The model group must describe the weights being loaded; say which overrides would fix it."""
+    """The model group must describe the weights being loaded: name every field that differs at
+    once, as the overrides that fix it. A smaller block_size is fine (the position table is cropped)."""
     wrong = [
         _override(k, getattr(loaded, k))
         for k in SHAPE_FIELDS
         if getattr(configured, k) is not None and _plain(getattr(configured, k)) != _plain(getattr(loaded, k))
     ] + [_override(k, getattr(loaded, k)) for k in SCALE_FIELDS if getattr(configured, k) != getattr(loaded, k)]
+    if configured.block_size > loaded.block_size:
+        wrong.append(f"model.block_size={loaded.block_size}")
     if wrong:
         raise UserError(
             f"the model config does not match the weights of init_from={init_from}: set {' '.join(wrong)}"
-            f" (or pick the matching model= option)"
-        )
-    if configured.block_size > loaded.block_size:
-        raise UserError(
-            f"model.block_size={configured.block_size} exceeds the {loaded.block_size} positions of "
-            f"init_from={init_from}: set model.block_size<={loaded.block_size}"
+            f" (or pick the matching model= option; a model.block_size below {loaded.block_size} crops the weights'"
+            f" positions)"
         )
 
 

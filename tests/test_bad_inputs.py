@@ -47,7 +47,8 @@ CASES = [
     ("misspelled key", ["max_iter=10"], ["max_iter", "--cfg job lists every key"]),
     ("wrong type", ["batch_size=twelve"], ["batch_size", "twelve"]),
     ("unknown group option", ["model=gpt5"], ["gpt5", "gpt2-medium"]),  # lists the options
-    ("unknown added key", ["+learning_rate=1e-3"], ["learning_rate", "--cfg job lists every key"]),
+    ("unknown added key", ["+lrate=1e-3"], ["lrate", "--cfg job lists every key"]),
+    ("nanoGPT's key", ["+learning_rate=1e-3"], ["learning_rate=1e-3 is nanoGPT's key: here it is optim.lr=1e-3"]),
     ("zero batch", ["batch_size=0"], ["batch_size=0 must be at least 1"]),
     ("context beyond the model", ["block_size=128"], ["block_size=128 exceeds model.block_size=64",
                                                       "lower block_size or raise model.block_size"]),
