@@ -82,14 +82,6 @@ def test_a_refused_start_leaves_no_run_dir_behind(tmp_path):
     assert not (tmp_path / "deep").exists()
 
 
-def test_a_file_where_the_run_dir_would_go_is_one_line(tmp_path):
-    (tmp_path / "taken").write_text("not a dir")
-    result = run_cli("nanogpt.train", "hydra.run.dir=taken/run", cwd=tmp_path)
-    line = one_error_line(result)
-    assert "taken is a file" in line and "pick another hydra.run.dir" in line
-    assert (tmp_path / "taken").read_text() == "not a dir"
-
-
 @pytest.mark.slow
 def test_extending_twice_then_repeating_the_command_has_nothing_to_do(tmp_path):
     """optim.decay_iters (${max_iters}) is derived: it keeps the run's value and is no change of the user's."""
