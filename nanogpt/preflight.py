@@ -61,10 +61,15 @@ def check_optimizer(config: TrainConfig) -> None:
 
 def check_data_and_vocab(config: TrainConfig) -> dict:
     """Prepare the dataset if it is missing (the data cache, not the run dir), then check that the
-    model's vocabulary covers it and the training context fits in it. Returns the data's meta."""
-    from nanogpt.data import ensure_prepared
+    model's vocabulary covers it and the training context fits in it. Returns the data's meta.
 
-    meta = ensure_prepared(config.data)
+    From here until the process ends the data dir is held for reading: a prepare that would
+    rewrite it under this run refuses (nanogpt.data.hold_for_reading)."""
+    from nanogpt.data import ensure_prepared, hold_for_reading
+
+    ensure_prepared(config.data)
+    hold_for_reading(config.data.dir)
+    meta = ensure_prepared(config.data)  # again, now that no prepare can change it: a stat or two
     vocab = config.model.vocab_size
     if vocab is not None and vocab < meta["vocab_size"]:
         raise ConfigError(

@@ -17,10 +17,9 @@ log = logging.getLogger("nanogpt")
 def read_prompt(cfg: SampleConfig) -> str:
     if cfg.prompt_file is None:
         return cfg.prompt
-    path = Path(cfg.prompt_file).expanduser()
-    if not path.is_file():
-        raise UserError(f"prompt_file={cfg.prompt_file} does not exist: give an existing file, or use prompt=TEXT")
-    return path.read_text(encoding="utf-8")
+    from nanogpt.userfiles import read_text
+
+    return read_text(cfg.prompt_file, f"prompt_file={cfg.prompt_file}", fix="give an existing file, or use prompt=TEXT")
 
 
 def check_options(cfg: SampleConfig) -> None:

@@ -7,6 +7,7 @@ an unpickler that can build plain containers only, so a hostile file cannot run 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from nanogpt.config import UserError
+from nanogpt.userfiles import read_bytes, read_json
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +170,7 @@ def load(spec: str) -> Tokenizer:
             raise UserError(f"tokenizer={spec} does not exist")
         return from_meta(meta_from_nanogpt_pickle(path))
     if path.suffix == ".json":
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not read tokenizer={spec} ({e})") from e
+        meta = read_json(path, f"tokenizer={spec}")
         if not isinstance(meta, dict):
             raise UserError(f"tokenizer={spec} is not a meta.json written by nanogpt-prepare")
         return from_meta(meta)
@@ -277,10 +276,10 @@ def meta_from_nanogpt_pickle(path: str | os.PathLike) -> dict[str, Any]:
     uint16 tokens).
     """
     path = Path(path)
+    data = read_bytes(path)
     try:
-        with open(path, "rb") as f:
-            raw = _PlainDataUnpickler(f, path).load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raw = _PlainDataUnpickler(io.BytesIO(data), path).load()
+    except (EOFError, pickle.UnpicklingError, ValueError, IndexError) as e:  # what a damaged pickle raises
         raise UserError(f"could not read {path} ({type(e).__name__}: {e})") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("itos"), dict):
         raise UserError(f"{path} is not a nanoGPT char meta.pkl: it has no 'itos' dict")
@@ -316,10 +315,7 @@ def convert_nanogpt_meta(pkl_path: str | os.PathLike) -> dict[str, Any]:
     meta = meta_from_nanogpt_pickle(pkl_path)
     json_path = pkl_path.parent / "meta.json"
     if json_path.exists():
-        try:
-            existing = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not read {json_path} ({e}): remove it, and it is rebuilt from {pkl_path}") from e
+        existing = read_json(json_path, fix=f"remove it, and it is rebuilt from {pkl_path}")
         same = isinstance(existing, dict) and existing.get("encoding") == "char" and existing.get("chars") == meta["chars"]
         if not same:
             raise UserError(f"{json_path} describes a different vocabulary than {pkl_path}: remove one of them")
