@@ -16,6 +16,7 @@ and what they were made from:
     val_fraction    data.val_fraction; split_seed too for format=hf
     source_files    format=text: each file read, as {path (resolved), size, mtime_ns, sha256}, and
                     the url it was downloaded from
+    source_abspath  format=text, a local source: data.source made absolute (a glob stays a glob)
     source_sha256   format=text: the content's identity (one file: its SHA-256, as sha256sum prints it)
     train_sha256, val_sha256, train_max_id, val_max_id, bins_mtime_ns
                     the identity of each .bin and its largest token id, with the mtimes they were
@@ -64,7 +65,7 @@ from nanogpt.tokenizer import (
     encode_large,
     write_json_atomic,
 )
-from nanogpt.userfiles import decode_utf8, read_bytes, read_json
+from nanogpt.userfiles import decode_utf8, read_bytes, read_chunks, read_json, read_text, sha256
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,8 @@ def _no_readers(out: Path) -> Iterator[None]:
         except BlockingIOError:
             notes = []
             for path in sorted(out.glob(".reader.*")):
-                with contextlib.suppress(OSError):
-                    notes.append(path.read_text().strip())
+                with contextlib.suppress(UserError):  # gone meanwhile: its run ended
+                    notes.append(read_text(path).strip())
             raise UserError(
                 f"data.dir={out} is being read by a live run ({'; '.join(notes) or 'a process without a note'}): "
                 f"preparing it again now would change that run's data; wait until the run ends, or prepare into "
@@ -343,14 +344,6 @@ def check_same_data(then: dict[str, Any], now: dict[str, Any]) -> None:
             )
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_sha256(file_hashes: list[str]) -> str:
     """The identity of a source's content: one file's SHA-256 (what sha256sum prints, and what a
     URL's #sha256= gives), or for several files the SHA-256 of their hashes in reading order."""
@@ -363,15 +356,12 @@ def scan_bin(path: Path, dtype: str) -> tuple[str, int]:
     """The SHA-256 of a token file and its largest token id (-1 if empty), in one vectorised pass
     (about 1 s per GB; see docs/data.md)."""
     h, top = hashlib.sha256(), -1
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 26):  # a multiple of every itemsize
-                h.update(chunk)
-                ids = np.frombuffer(chunk, dtype=dtype)
-                if ids.size:
-                    top = max(top, int(ids.max()))
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}): prepare the dataset again (nanogpt-prepare ... force=true)") from e
+    fix = "prepare the dataset again (nanogpt-prepare ... force=true)"
+    for chunk in read_chunks(path, fix=fix, size=1 << 26):  # a multiple of every itemsize
+        h.update(chunk)
+        ids = np.frombuffer(chunk, dtype=dtype)
+        if ids.size:
+            top = max(top, int(ids.max()))
     return h.hexdigest(), top
 
 
@@ -457,10 +447,12 @@ def _check_source(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
         if expected is None and not any(f.get("url") == url for f in recorded):
             raise _other_source(meta, cfg)
         return
+    # The same spelling from another working dir is another source; a path or glob is compared absolute.
+    same_source = meta.get("source_abspath") == os.path.abspath(os.path.expanduser(cfg.source))
     try:
         paths = [p.resolve() for p in _local_paths(cfg.source)]
     except UserError:
-        if cfg.source != meta.get("source"):
+        if not same_source:
             raise
         log.warning("data.source=%s is not here: using the tokens prepared from it in %s", cfg.source, out)
         return
@@ -468,13 +460,13 @@ def _check_source(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
     stats = [p.stat() for p in paths]
     if same_paths and all((s.st_size, s.st_mtime_ns) == (f["size"], f["mtime_ns"]) for s, f in zip(stats, recorded)):
         return
-    hashes = [sha256_file(p) for p in paths]
+    hashes = [sha256(p, f"data.source={cfg.source}") for p in paths]
     if content_sha256(hashes) == meta.get("source_sha256"):  # another spelling, a copy, or touched
         if same_paths:
             files = [{**f, "mtime_ns": s.st_mtime_ns} for f, s in zip(recorded, stats)]
             _remember({**meta, "source_files": files}, out)
         return
-    if same_paths or cfg.source == meta.get("source"):
+    if same_paths or same_source:
         changed = [str(p) for p, h, f in zip(paths, hashes, recorded) if h != f["sha256"]] or [cfg.source]
         raise UserError(
             f"data.source={cfg.source} changed since it was prepared into data.dir={cfg.dir} on {meta.get('created')} "
@@ -534,7 +526,7 @@ def read_text_source(source: str, download_dir: Path, redownload: bool = False) 
     url, expected = split_url(source)
     if url is not None:
         dest = download_dir / "input.txt"
-        if redownload or not dest.exists() or (expected is not None and sha256_file(dest) != expected):
+        if redownload or not dest.exists() or (expected is not None and sha256(dest) != expected):
             download(url, dest)
         else:
             log.info("using %s, downloaded earlier from %s", dest, url)
@@ -544,12 +536,14 @@ def read_text_source(source: str, download_dir: Path, redownload: bool = False) 
     texts, files = [], []
     for path in paths:
         stat = path.stat()  # before reading: a file changed meanwhile then differs from the record
-        data = read_bytes(path, f"{path} (data.source={source})")
+        data = read_bytes(path, f"data.source={source}")
         files.append({"path": str(path.resolve()), "size": len(data), "mtime_ns": stat.st_mtime_ns,
                       "sha256": hashlib.sha256(data).hexdigest(), **({"url": url} if url else {})})
-        texts.append(decode_utf8(data, path, f"{path} (data.source={source})"))
+        texts.append(decode_utf8(data, path, f"data.source={source}"))
         del data
     identity = {"source_files": files, "source_sha256": content_sha256([f["sha256"] for f in files])}
+    if url is None:
+        identity["source_abspath"] = os.path.abspath(os.path.expanduser(source))
     if expected is not None and identity["source_sha256"] != expected:
         raise UserError(
             f"{url} downloaded with SHA-256 {identity['source_sha256']}, not the {expected} that data.source names: "

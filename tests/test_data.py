@@ -448,7 +448,7 @@ def test_missing_empty_and_odd_sources(tmp_path):
     with pytest.raises(UserError, match=r"holds 1 characters: too few to split"):
         prepare(data_config(tmp_path, tmp_path / "one.txt"))
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1.txt .* is not UTF-8 text"):
+    with pytest.raises(UserError, match=r"data.source=.*latin1.txt is not UTF-8 text \(unexpected end of data: byte 0xe9 at offset 3"):
         prepare(data_config(tmp_path, tmp_path / "latin1.txt"))
     with pytest.raises(ConfigError, match=r"data.val_fraction=1.5 must be between 0 and 1"):
         prepare(data_config(tmp_path, tmp_path / "one.txt", val_fraction=1.5))
