@@ -47,7 +47,6 @@ import http.client
 import logging
 import os
 import socket
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,12 +202,16 @@ def hold_for_reading(data_dir: str | os.PathLike) -> None:
         lock = open(out / READERS_LOCK, "a")
     except (ImportError, OSError):
         return
-    fcntl.flock(lock, fcntl.LOCK_SH)  # waits while a prepare writes the dir: it is not data yet
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a prepare is writing the dir: its tokens are not data yet
+        log.info("waiting for the prepare that is writing %s", out)
+        fcntl.flock(lock, fcntl.LOCK_SH)
     _reading[out] = lock
     host, pid = socket.gethostname(), os.getpid()
     note = out / f".reader.{host}.{pid}"
-    with contextlib.suppress(OSError):
-        note.write_text(f"pid {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+    with contextlib.suppress(OSError):  # the run's working dir, not its command line: that may hold secrets
+        note.write_text(f"pid {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M:%S')}, in {os.getcwd()}\n")
         atexit.register(note.unlink, missing_ok=True)
 
 
