@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +176,8 @@ def test_prepare_refuses_while_a_run_reads_the_dir(tmp_path, shakespeare_path):
     args = ("data=shakespeare_char", f"data.source={shakespeare_path}", f"data.dir={data}", "force=true")
     assert run_cli("nanogpt.prepare", *args, cwd=tmp_path, timeout=120).returncode == 0
     before = snapshot(data)
+    killed = data / f".reader.{socket.gethostname()}.4194303"  # left by a run killed with SIGKILL
+    killed.write_text("pid 4194303 on this host")
     # what check_data_and_vocab does in every run (preflight), in a process that stays alive
     reader = subprocess.Popen(
         [sys.executable, "-c", f"from nanogpt.data import hold_for_reading; hold_for_reading({str(data)!r}); "
@@ -187,11 +189,13 @@ def test_prepare_refuses_while_a_run_reads_the_dir(tmp_path, shakespeare_path):
         r = run_cli("nanogpt.prepare", *args, cwd=tmp_path, timeout=120)
         assert_one_line_error(r, f"data.dir={data} is being read by a live run (pid {reader.pid} on ",
                               "wait until the run ends, or prepare into another data.dir")
+        assert "4194303" not in r.stderr  # a dead run's note is not a reader
         assert snapshot(data) == before
     finally:
         reader.communicate("", timeout=30)
-    assert not list(data.glob(".reader.*"))  # its note goes with it
+    assert list(data.glob(".reader.*")) == [killed]  # its note goes with it
     assert run_cli("nanogpt.prepare", *args, cwd=tmp_path, timeout=120).returncode == 0
+    assert not killed.exists()  # a prepare that holds the dir clears the notes of killed runs
 
 
 def test_every_run_holds_its_data_dir(tmp_path, shakespeare_path):
