@@ -87,6 +87,8 @@ class CharTokenizer:
         return self._sorted_ids[pos_clipped]
 
     def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        _check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
     def meta(self) -> dict[str, Any]:
@@ -111,10 +113,23 @@ class TiktokenTokenizer:
         return self.enc.encode(text, allowed_special={"<|endoftext|>"} & self.enc.special_tokens_set)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.enc.decode(list(ids))
+        ids = list(ids)
+        _check_ids(ids, self.vocab_size)
+        return self.enc.decode(ids)
 
     def meta(self) -> dict[str, Any]:
         return {"encoding": self.name, "vocab_size": self.vocab_size, "eot_token": self.eot_token}
+
+
+def _check_ids(ids: list[int], vocab_size: int) -> None:
+    """A model whose vocabulary is larger than its tokenizer's (nanoGPT pads GPT-2's 50257 to
+    50304) can sample an id the tokenizer has no text for: say so, rather than IndexError/KeyError."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise UserError(
+            f"token id {bad} is not in the {vocab_size}-token vocabulary of the tokenizer: the model has more token "
+            f"ids than its tokenizer (is tokenizer= the one it was trained with?)"
+        )
 
 
 def get_tiktoken_encoding(name: str):

@@ -257,6 +257,14 @@ def test_the_token_scan_runs_once_per_file_version(tmp_path, shakespeare_path, m
         ensure_prepared(DataConfig(name="s", source=str(shakespeare_path), dir=str(tmp_path / "s")))
 
 
+def test_sampled_ids_beyond_the_tokenizer_are_one_line(gpt2_tiktoken):
+    """A model with more token ids than its tokenizer (nanoGPT pads GPT-2's 50257 to 50304) may sample one."""
+    with pytest.raises(UserError, match=r"token id 8 is not in the 8-token vocabulary of the tokenizer"):
+        tok.CharTokenizer.from_text("hello world").decode([0, 8])
+    with pytest.raises(UserError, match=r"token id 50300 is not in the 50257-token vocabulary"):
+        tok.TiktokenTokenizer("gpt2").decode([464, 50300])
+
+
 # ---------------------------------------------------------------------------------------------
 # Case 12: a user file that is not UTF-8
 
