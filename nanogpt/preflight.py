@@ -76,6 +76,15 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
             f"model.vocab_size={vocab} is smaller than the {meta['vocab_size']} tokens of data={config.data.name}: "
             f"set model.vocab_size=null (take the data's) or >= {meta['vocab_size']}"
         )
+    if config.init_from != "scratch":  # the weights' vocabulary, read without loading them (as check_init_from)
+        from nanogpt import weights
+
+        theirs = weights.peek_model_config(config.init_from).vocab_size
+        if theirs < meta["vocab_size"]:
+            raise ConfigError(
+                f"data={config.data.name} has {meta['vocab_size']} tokens but init_from={config.init_from} only "
+                f"{theirs}: train on data with the tokenizer of those weights"
+            )
     smallest = min(meta["train_tokens"], meta["val_tokens"])
     if smallest <= config.block_size:
         raise ConfigError(

@@ -167,6 +167,18 @@ def test_resume_refuses_changed_data_of_the_same_size(tmp_path):
     assert (tmp_path / "run" / "provenance.json").read_bytes() == provenance  # still "done", no start recorded
 
 
+@pytest.mark.slow
+def test_init_from_weights_with_a_smaller_vocabulary_is_refused_before_the_run_dir(tmp_path, shakespeare_path):
+    (tmp_path / "small.txt").write_text(text_of(500, 0))  # 16 characters
+    r = run_cli("nanogpt.train", "data=text", "data.source=small.txt", f"data.dir={tmp_path / 'small'}", *TINY,
+                "max_iters=2", "eval_interval=2", "hydra.run.dir=small_run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("nanogpt.train", "init_from=small_run", f"data.source={shakespeare_path}", f"data.dir={tmp_path / 'sc'}",
+                *TINY, "max_iters=2", "hydra.run.dir=big_run", cwd=tmp_path)
+    assert_one_line_error(r, "data=shakespeare_char has 65 tokens but init_from=small_run only 16")
+    assert not (tmp_path / "big_run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # A prepare never rewrites a dir under a live run
 
