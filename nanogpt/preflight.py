@@ -94,6 +94,26 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
     return meta
 
 
+def check_resume_data(run_dir: Path, meta: dict) -> None:
+    """A run continued in run_dir must train on the tokens it started on (a source edited and
+    prepared again may keep every size). Every checkpoint of a run records the same data, so one
+    that matches is enough; refused only when every readable one differs (a foreign file among
+    them is the loader's to skip). Each is memory-mapped: only its small metadata is read."""
+    from nanogpt.checkpoint import CheckpointDir, load_file
+    from nanogpt.data import check_same_data
+
+    mismatch = None
+    for path in CheckpointDir(run_dir / "checkpoints").candidates():
+        try:
+            payload = load_file(path, mmap=True)
+            check_same_data(payload.get("data_meta") or {}, meta)
+            return
+        except UserError as e:  # unreadable (the loader names it), or other data
+            mismatch = mismatch or (e if "the dataset differs" in str(e) else None)
+    if mismatch is not None:
+        raise mismatch
+
+
 @contextlib.contextmanager
 def stop_on_error():
     """Hydra turns exceptions raised in callbacks into warnings and carries on, so a failed check
@@ -175,7 +195,9 @@ class Preflight(Callback):
             check_hardware(train_config)
             check_optimizer(train_config)
             if self.check_data:
-                check_data_and_vocab(train_config)
+                meta = check_data_and_vocab(train_config)
+                if self.plan_runs and train_config.resume != "never":
+                    check_resume_data(Path(str(config.hydra.run.dir)), meta)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():

@@ -165,6 +165,7 @@ def test_resume_refuses_changed_data_of_the_same_size(tmp_path):
     assert_one_line_error(r, "the dataset differs from the one the run trained on (train_sha256:",
                           "point data.dir/data.source at the run's dataset")
     assert (tmp_path / "run" / "provenance.json").read_bytes() == provenance  # still "done", no start recorded
+    assert not (tmp_path / "run" / ".hydra" / "resume-1").exists()  # refused before Hydra wrote this start
 
 
 @pytest.mark.slow
