@@ -482,10 +482,6 @@ def _main(cfg: DictConfig) -> dict:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         # a launcher that spawns workers only needs the checkpoint's config and step: each worker reads it whole
         resume_from, resume_path = checkpoint_to_resume(config, run_dir, resolved, whole=not spawn)
-        if resume_from is not None:  # before anything is recorded: the run must continue on its own tokens
-            from nanogpt.data import check_same_data
-
-            check_same_data(resume_from.get("data_meta") or {}, data_meta)
         record = None
         if env.is_main:
             record = RunRecord(
