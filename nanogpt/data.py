@@ -1,7 +1,8 @@
 """Turn a DataConfig into train.bin, val.bin and meta.json in `data.dir`, as nanoGPT's prepare.py scripts do.
 
 train.bin and val.bin are flat arrays of token ids (uint16, or uint32 for vocabularies over 65,536
-tokens) that training memory-maps (nanogpt/batches.py). meta.json says how to read and decode them:
+tokens) that training memory-maps (nanogpt/batches.py). meta.json says how to read and decode them,
+and what they were made from:
 
     format_version  1
     name, source    data.name and data.source
@@ -13,21 +14,40 @@ tokens) that training memory-maps (nanogpt/batches.py). meta.json says how to re
     dtype           "uint16" or "uint32"
     train_tokens, val_tokens
     val_fraction    data.val_fraction; split_seed too for format=hf
+    source_files    format=text: each file read, as {path (resolved), size, mtime_ns, sha256}, and
+                    the url it was downloaded from
+    source_abspath  format=text, a local source: data.source made absolute (a glob stays a glob)
+    source_sha256   format=text: the content's identity (one file: its SHA-256, as sha256sum prints it)
+    train_sha256, val_sha256, train_max_id, val_max_id, bins_mtime_ns
+                    the identity of each .bin and its largest token id, with the mtimes they were
+                    taken at (a .bin with another mtime is scanned again)
     created         ISO 8601 time (UTC)
 
-A dataset is complete only when meta.json exists: it is written last, and removed first when a
-dataset is re-prepared, and every file is written under a temporary name and renamed into place.
-So an interrupted prepare never leaves files that `ensure_prepared` would accept.
+A cache keyed by content: a prepared dir is used only for the content it was made from. The files
+of data.source are compared by path, size and mtime, and where those differ by SHA-256: another
+spelling or copy of the same text uses the dir, an edited or other text is refused. A URL source
+may carry its content's hash (`URL#sha256=HEX`, as pip's URLs do): the download is checked against
+it, and a dir prepared from a local copy with that hash serves the URL without a download.
+
+A dataset is complete only when meta.json exists: every file is written under a temporary name,
+and only when all are written is the old meta.json removed, the .bin files renamed into place and
+the new meta.json written. So an interrupted prepare never leaves files that `ensure_prepared`
+would accept, and keeps the old dataset where it fails before the renames. A run holds a shared
+lock on the dir while it reads it (`hold_for_reading`), and a prepare that would rewrite the dir
+refuses while one does.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
+import hashlib
 import http.client
-import json
 import logging
 import os
+import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -44,6 +64,7 @@ from nanogpt.tokenizer import (
     encode_large,
     write_json_atomic,
 )
+from nanogpt.userfiles import decode_utf8, read_bytes, read_chunks, read_json, read_text, sha256
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +93,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         else:
             raise UserError(f"{path} does not exist: prepare the dataset first (nanogpt-prepare data=...)")
     else:
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"could not read {path} ({e}): re-prepare the dataset with nanogpt-prepare force=true"
-            ) from e
+        meta = read_json(path, fix="re-prepare the dataset with nanogpt-prepare force=true")
     if not isinstance(meta, dict) or meta.get("format_version") != META_FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise UserError(f"{path} has format_version={version}, this nanogpt reads {META_FORMAT_VERSION}")
@@ -109,7 +125,8 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict[str, Any]:
             return _prepare_locked(cfg, fmt, out, force)
     except BaseException:
         if new_dirs:  # a failed first prepare (bad source, no network) leaves no trace on disk
-            (out / ".prepare.lock").unlink(missing_ok=True)
+            for lock in (".prepare.lock", READERS_LOCK):
+                (out / lock).unlink(missing_ok=True)
             for d in new_dirs:
                 try:
                     d.rmdir()
@@ -129,15 +146,18 @@ def _missing_dirs(path: Path) -> list[Path]:
 
 def _use_existing(cfg: DataConfig, out: Path) -> dict[str, Any]:
     meta = load_meta(out)
-    _check_existing(meta, cfg, out)
+    _check_existing(meta, cfg)
+    meta = _check_bins(meta, out)
+    _check_source(meta, cfg, out)
     log.debug("using the dataset prepared in %s", out)  # training names the data dir in its summary
     return meta
 
 
 @contextlib.contextmanager
-def _one_at_a_time(out: Path) -> Iterator[None]:
+def _one_at_a_time(out: Path, wait: bool = True) -> Iterator[bool]:
     """Serialize prepares of one data dir across processes (ranks, the jobs of a sweep), so the
-    first prepares it and the others then find it ready, instead of all writing at once."""
+    first prepares it and the others then find it ready, instead of all writing at once. Yields
+    whether it holds the lock: with wait=False, False if another process does."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".prepare.lock", "a")
@@ -147,51 +167,136 @@ def _one_at_a_time(out: Path) -> Iterator[None]:
         import fcntl
     except ImportError:  # Windows: no flock; prepare before launching parallel jobs there
         with lock:
-            yield
+            yield True
         return
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             log.info("waiting for another process that is preparing %s", out)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+        yield True  # closing the file releases the lock
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that read a data dir, and prepares that would rewrite it
+
+READERS_LOCK = ".readers.lock"
+_reading: dict[Path, Any] = {}  # data dir -> the lock file this process holds shared while it reads it
+
+
+def hold_for_reading(data_dir: str | os.PathLike) -> None:
+    """Mark data_dir as read by this process until it exits, so that a prepare that would rewrite it
+    (nanogpt-prepare force=true) refuses instead of changing the tokens under a live run. The lock
+    is an flock, so a killed run holds nothing; a note beside it names the reader for the refusal.
+    A dir that cannot be written (a read-only copy) cannot be rewritten either: nothing to hold."""
+    out = Path(data_dir).resolve()
+    if out in _reading:
+        return
+    try:
+        import fcntl
+
+        lock = open(out / READERS_LOCK, "a")
+    except (ImportError, OSError):
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a prepare is writing the dir: its tokens are not data yet
+        log.info("waiting for the prepare that is writing %s", out)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+    _reading[out] = lock
+    host, pid = socket.gethostname(), os.getpid()
+    note = out / f".reader.{host}.{pid}"
+    with contextlib.suppress(OSError):  # the run's working dir, not its command line: that may hold secrets
+        note.write_text(f"pid {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M:%S')}, in {os.getcwd()}\n")
+        atexit.register(note.unlink, missing_ok=True)
+
+
+@contextlib.contextmanager
+def _no_readers(out: Path) -> Iterator[None]:
+    """Hold the readers' lock exclusively while the dir is rewritten; refuse if a run reads it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out / READERS_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            notes = []
+            for path in sorted(out.glob(".reader.*")):
+                if _is_stale(path.name):
+                    continue
+                with contextlib.suppress(UserError):  # gone meanwhile: its run ended
+                    notes.append(read_text(path).strip())
+            raise UserError(
+                f"data.dir={out} is being read by a live run ({'; '.join(notes) or 'a process without a note'}): "
+                f"preparing it again now would change that run's data; wait until the run ends, or prepare into "
+                f"another data.dir"
+            ) from None
+        for stale in out.glob(".reader.*"):  # every reader is gone: their notes are left by killed runs
+            stale.unlink(missing_ok=True)
+        yield
+
+
+def _is_stale(note_name: str) -> bool:
+    """A reader's note (.reader.HOST.PID) left by a killed run on this host; another host's are kept."""
+    host, _, pid = note_name.removeprefix(".reader.").rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
 
 
 def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool) -> dict[str, Any]:
     staged: dict[str, Path] = {}  # final name -> temporary file
 
     def stage(name: str) -> Path:
-        # Only once the first file is ready to write: a bad source or encoding leaves an existing
-        # dataset (and the disk) as it was. meta.json goes first, so that from here on the stale
-        # or half-replaced .bin files are never taken for a dataset.
-        if not staged:
-            for old in ("meta.json", "train.bin", "val.bin"):
-                (out / old).unlink(missing_ok=True)
         staged[name] = out / f".{name}.{os.getpid()}.tmp"
         return staged[name]
 
     try:
-        if fmt == DataFormat.text:
-            tok, counts = _prepare_text(cfg, out, stage, redownload=force)
-        else:
-            tok, counts = _prepare_hf(cfg, stage)
-        meta: dict[str, Any] = {
-            "format_version": META_FORMAT_VERSION,
-            "name": cfg.name,
-            "source": cfg.source,
-            "format": fmt.value,
-            **tok.meta(),
-            "dtype": token_dtype(tok.vocab_size),
-            "train_tokens": counts["train"],
-            "val_tokens": counts["val"],
-            "val_fraction": cfg.val_fraction,
-            **({"split_seed": cfg.split_seed} if fmt == DataFormat.hf else {}),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        for split in SPLITS:
-            os.replace(staged[f"{split}.bin"], out / f"{split}.bin")
-        write_json_atomic(out / "meta.json", meta)
+        with _no_readers(out):
+            source: dict[str, Any] = {}
+            if fmt == DataFormat.text:
+                tok, counts, source = _prepare_text(cfg, out, stage, redownload=force)
+            else:
+                tok, counts = _prepare_hf(cfg, stage)
+            dtype = token_dtype(tok.vocab_size)
+            meta: dict[str, Any] = {
+                "format_version": META_FORMAT_VERSION,
+                "name": cfg.name,
+                "source": cfg.source,
+                "format": fmt.value,
+                **tok.meta(),
+                "dtype": dtype,
+                "train_tokens": counts["train"],
+                "val_tokens": counts["val"],
+                "val_fraction": cfg.val_fraction,
+                **({"split_seed": cfg.split_seed} if fmt == DataFormat.hf else {}),
+                **source,
+            }
+            for split in SPLITS:
+                meta[f"{split}_sha256"], meta[f"{split}_max_id"] = scan_bin(staged[f"{split}.bin"], dtype)
+            # Only now, with every new file written, does the old dataset go: meta.json first, so
+            # that until the new one is in place the dir is no dataset (a crash here leaves a dir
+            # that is prepared again, never old meta with new tokens). The renames take moments,
+            # and no run reads the dir meanwhile (_no_readers).
+            (out / "meta.json").unlink(missing_ok=True)
+            for split in SPLITS:
+                os.replace(staged[f"{split}.bin"], out / f"{split}.bin")
+            meta["bins_mtime_ns"] = {split: (out / f"{split}.bin").stat().st_mtime_ns for split in SPLITS}
+            meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_json_atomic(out / "meta.json", meta)
     except OSError as e:
         raise UserError(f"could not write the dataset to data.dir={cfg.dir} ({e})") from e
     finally:
@@ -217,18 +322,19 @@ def _check_config(cfg: DataConfig) -> DataFormat:
         raise ConfigError("data.source is empty: give a URL, a file, a glob or (data.format=hf) a dataset")
     if fmt == DataFormat.hf and cfg.encoding == "char":
         raise ConfigError("data.format=hf needs a tiktoken encoding (e.g. data.encoding=gpt2), not char")
+    split_url(cfg.source)  # a malformed #sha256= fails here, before any download
     return fmt
 
 
-def _check_existing(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
+def _check_existing(meta: dict[str, Any], cfg: DataConfig) -> None:
     """A prepared dir must fit the config that asks for it: another tokenizer would break the model."""
     if meta["encoding"] != cfg.encoding:
         raise ConfigError(
             f"data.dir={cfg.dir} holds data tokenized with {meta['encoding']}, but data.encoding={cfg.encoding}: "
             f"point data.dir elsewhere, or re-prepare it (nanogpt-prepare ... force=true)"
         )
-    # The same data.dir with another source or split would silently train on the old data.
-    asked = {"source": cfg.source, "val_fraction": cfg.val_fraction}
+    # The same data.dir with another split would silently train on the old data (the source: _check_source).
+    asked: dict[str, Any] = {"val_fraction": cfg.val_fraction}
     if meta.get("format") == DataFormat.hf.value:
         asked["split_seed"] = cfg.split_seed
     for key, value in asked.items():
@@ -237,14 +343,168 @@ def _check_existing(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
                 f"data.dir={cfg.dir} was prepared with data.{key}={meta[key]}, not {value}: point data.dir "
                 f"elsewhere, or re-prepare it (nanogpt-prepare ... force=true)"
             )
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        size = (out / f"{split}.bin").stat().st_size
-        if size != meta[f"{split}_tokens"] * itemsize:
+
+
+# ---------------------------------------------------------------------------------------------
+# What a prepared dir was made from, by content
+
+
+def check_same_data(then: dict[str, Any], now: dict[str, Any]) -> None:
+    """A continued run trains on the tokens it started on (`then`: the data meta its checkpoint
+    holds): the same counts and vocabulary, and where the checkpoint records them, the same bytes,
+    which a source edited and prepared again (lines swapped, the same size) does not give."""
+    keys = ["vocab_size", "train_tokens", "val_tokens", "encoding"]
+    keys += [k for k in ("train_sha256", "val_sha256") if k in then]  # older checkpoints lack them
+    for key in keys:
+        if then.get(key) != now.get(key):
             raise UserError(
-                f"{out / f'{split}.bin'} has {size} bytes, not the {meta[f'{split}_tokens']} {meta['dtype']} tokens "
+                f"the dataset differs from the one the run trained on ({key}: {then.get(key)} then, "
+                f"{now.get(key)} now): point data.dir/data.source at the run's dataset"
+            )
+
+
+def content_sha256(file_hashes: list[str]) -> str:
+    """The identity of a source's content: one file's SHA-256 (what sha256sum prints, and what a
+    URL's #sha256= gives), or for several files the SHA-256 of their hashes in reading order."""
+    if len(file_hashes) == 1:
+        return file_hashes[0]
+    return hashlib.sha256("\n".join(file_hashes).encode()).hexdigest()
+
+
+def scan_bin(path: Path, dtype: str) -> tuple[str, int]:
+    """The SHA-256 of a token file and its largest token id (-1 if empty), in one vectorised pass
+    (about 2 s per GB on a 2-core CPU, the hash most of it; see docs/data.md)."""
+    h, top = hashlib.sha256(), -1
+    fix = "prepare the dataset again (nanogpt-prepare ... force=true)"
+    for chunk in read_chunks(path, fix=fix, size=1 << 26):  # a multiple of every itemsize
+        h.update(chunk)
+        ids = np.frombuffer(chunk, dtype=dtype)
+        if ids.size:
+            top = max(top, int(ids.max()))
+    return h.hexdigest(), top
+
+
+def _check_bins(meta: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The .bin files are the ones meta.json describes, and hold no token id beyond its vocabulary
+    (a nanoGPT dir's meta.pkl may come from another dataset than its bins). A file is scanned when
+    its mtime is not the recorded one: once for a dir copied or made by nanoGPT, as the result is
+    remembered in meta.json where the dir can be written."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    stamps = dict(meta.get("bins_mtime_ns") or {})
+    scanned = False
+    for split in SPLITS:
+        path = out / f"{split}.bin"
+        stat = path.stat()
+        if stat.st_size != meta[f"{split}_tokens"] * itemsize:
+            raise UserError(
+                f"{path} has {stat.st_size} bytes, not the {meta[f'{split}_tokens']} {meta['dtype']} tokens "
                 f"that meta.json promises: re-prepare it (nanogpt-prepare ... force=true)"
             )
+        if stamps.get(split) == stat.st_mtime_ns and f"{split}_max_id" in meta:
+            continue
+        sha, top = scan_bin(path, meta["dtype"])
+        if meta.get(f"{split}_sha256") not in (None, sha) and "converted_from" not in meta:
+            raise UserError(
+                f"{path} is not the file meta.json describes: it changed after it was prepared on {meta.get('created')}; "
+                f"prepare the dataset again (nanogpt-prepare ... force=true)"
+            )
+        meta = {**meta, f"{split}_sha256": sha, f"{split}_max_id": top}
+        stamps[split] = stat.st_mtime_ns
+        scanned = True
+    if scanned:
+        meta["bins_mtime_ns"] = stamps
+        _remember(meta, out)
+    vocab = meta["vocab_size"]
+    for split in SPLITS:
+        if meta[f"{split}_max_id"] >= vocab:
+            described_by = "meta.pkl" if "converted_from" in meta else "meta.json"
+            raise UserError(
+                f"{out / f'{split}.bin'} holds token id {meta[f'{split}_max_id']}, the vocabulary has {vocab} "
+                f"({out / described_by}): the tokens and the vocabulary come from different datasets; prepare "
+                f"the dir again from its text"
+            )
+    return meta
+
+
+def _remember(meta: dict[str, Any], out: Path) -> None:
+    """Save what a check learned (mtimes, scans) into meta.json, so the next start need not learn it
+    again. Only while no prepare runs, and only over the same dataset; a read-only dir is fine."""
+    with contextlib.suppress(OSError, UserError), _one_at_a_time(out, wait=False) as locked:
+        if locked and read_json(out / "meta.json").get("created") == meta.get("created"):
+            write_json_atomic(out / "meta.json", meta)
+
+
+def split_url(source: str) -> tuple[str | None, str | None]:
+    """(url, expected SHA-256 or None) of a URL source, as pip reads `URL#sha256=HEX`; (None, None)
+    for anything else."""
+    if not source.startswith(("http://", "https://")):
+        return None, None
+    url, _, fragment = source.partition("#")
+    if not fragment:
+        return url, None
+    digest = fragment.removeprefix("sha256=").lower()
+    if not fragment.startswith("sha256=") or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError(
+            f"data.source={source}: a URL's #part must be sha256=<the 64 hex digits of its content's SHA-256>"
+        )
+    return url, digest
+
+
+def _check_source(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
+    """The dir was made from the content data.source names now (see the module's docstring)."""
+    recorded = meta.get("source_files")
+    if "converted_from" in meta:  # a nanoGPT dir: what its text was is not known
+        return
+    if not recorded:  # format=hf, or a dir prepared before nanogpt recorded its sources: the spelling is all there is
+        if meta.get("source") not in (None, cfg.source):
+            raise _other_source(meta, cfg)
+        return
+    url, expected = split_url(cfg.source)
+    if url is not None:  # no download just to compare: the URL, or the content's hash it names
+        if expected is not None and meta.get("source_sha256") != expected:
+            raise _other_source(meta, cfg)
+        if expected is None and not any(f.get("url") == url for f in recorded):
+            raise _other_source(meta, cfg)
+        return
+    # The same spelling from another working dir is another source; a path or glob is compared absolute.
+    same_source = meta.get("source_abspath") == os.path.abspath(os.path.expanduser(cfg.source))
+    try:
+        paths = [p.resolve() for p in _local_paths(cfg.source)]
+    except UserError:
+        if not same_source:
+            raise
+        log.warning("data.source=%s is not here: using the tokens prepared from it in %s", cfg.source, out)
+        return
+    same_paths = [str(p) for p in paths] == [f["path"] for f in recorded]
+    stats = [p.stat() for p in paths]
+    if same_paths and all((s.st_size, s.st_mtime_ns) == (f["size"], f["mtime_ns"]) for s, f in zip(stats, recorded)):
+        return
+    hashes = [sha256(p, f"data.source={cfg.source}") for p in paths]
+    if content_sha256(hashes) == meta.get("source_sha256"):  # another spelling, a copy, or touched
+        if same_paths:
+            files = [{**f, "mtime_ns": s.st_mtime_ns} for f, s in zip(recorded, stats)]
+            _remember({**meta, "source_files": files}, out)
+        return
+    if same_paths or same_source:
+        changed = [str(p) for p, h, f in zip(paths, hashes, recorded) if h != f["sha256"]] or [cfg.source]
+        raise UserError(
+            f"data.source={cfg.source} changed since it was prepared into data.dir={cfg.dir} on {meta.get('created')} "
+            f"({', '.join(changed)} differs): prepare it again (nanogpt-prepare with this command's data options "
+            f"and force=true)"
+        )
+    raise _other_source(meta, cfg)
+
+
+def _other_source(meta: dict[str, Any], cfg: DataConfig) -> ConfigError:
+    files = meta.get("source_files") or []
+    # what to write to use those tokens: the file's absolute path works from any working dir
+    was = files[0]["path"] if len(files) == 1 and "url" not in files[0] else meta.get("source")
+    digest = f" (sha256 {meta['source_sha256'][:12]}...)" if meta.get("source_sha256") else ""
+    return ConfigError(
+        f"data.dir={cfg.dir} holds the tokens of data.source={was}{digest}, other data than data.source={cfg.source}: "
+        f"to train on those tokens give data.source={was}; for this data give another data.dir, or prepare this "
+        f"one again with force=true (replacing those tokens)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +513,10 @@ def _check_existing(meta: dict[str, Any], cfg: DataConfig, out: Path) -> None:
 
 def _prepare_text(
     cfg: DataConfig, out: Path, stage: Callable[[str], Path], redownload: bool
-) -> tuple[Tokenizer, dict[str, int]]:
+) -> tuple[Tokenizer, dict[str, int], dict[str, Any]]:
     # A bad encoding name should fail before a download, so tiktoken goes first.
     tok: Tokenizer | None = None if cfg.encoding == "char" else TiktokenTokenizer(cfg.encoding)
-    text = read_text_source(cfg.source, out, redownload=redownload)
+    text, source = read_text_source(cfg.source, out, redownload=redownload)
     if tok is None:
         tok = CharTokenizer.from_text(text)
     n_train = int(len(text) * (1 - cfg.val_fraction))
@@ -271,25 +531,43 @@ def _prepare_text(
         ids = encode_large(tok, part, num_threads=cfg.num_threads)
         ids.astype(token_dtype(tok.vocab_size)).tofile(stage(f"{split}.bin"))
         counts[split] = len(ids)
-    return tok, counts
+    return tok, counts, source
 
 
-def read_text_source(source: str, download_dir: Path, redownload: bool = False) -> str:
-    """The text behind data.source: a URL (downloaded to download_dir/input.txt once), a file, or a glob.
+def read_text_source(source: str, download_dir: Path, redownload: bool = False) -> tuple[str, dict[str, Any]]:
+    """The text behind data.source, and what it was read from (meta.json's source_files and
+    source_sha256): a URL (downloaded to download_dir/input.txt once, and checked against its
+    #sha256= if it has one), a file, or a glob.
 
     A glob's files are read in sorted order and joined with a blank line between them (each file
     ending in a newline); a single file is used exactly as it is.
     """
-    if source.startswith(("http://", "https://")):
+    url, expected = split_url(source)
+    if url is not None:
         dest = download_dir / "input.txt"
-        if redownload or not dest.exists():
-            download(source, dest)
+        if redownload or not dest.exists() or (expected is not None and sha256(dest) != expected):
+            download(url, dest)
         else:
-            log.info("using %s, downloaded earlier from %s", dest, source)
+            log.info("using %s, downloaded earlier from %s", dest, url)
         paths = [dest]
     else:
         paths = _local_paths(source)
-    texts = [_read_utf8(p, source) for p in paths]
+    texts, files = [], []
+    for path in paths:
+        stat = path.stat()  # before reading: a file changed meanwhile then differs from the record
+        data = read_bytes(path, f"data.source={source}")
+        files.append({"path": str(path.resolve()), "size": len(data), "mtime_ns": stat.st_mtime_ns,
+                      "sha256": hashlib.sha256(data).hexdigest(), **({"url": url} if url else {})})
+        texts.append(decode_utf8(data, path, f"data.source={source}"))
+        del data
+    identity = {"source_files": files, "source_sha256": content_sha256([f["sha256"] for f in files])}
+    if url is None:
+        identity["source_abspath"] = os.path.abspath(os.path.expanduser(source))
+    if expected is not None and identity["source_sha256"] != expected:
+        raise UserError(
+            f"{url} downloaded with SHA-256 {identity['source_sha256']}, not the {expected} that data.source names: "
+            f"the file changed upstream or the download is corrupt; try again, or set data.source to a local copy"
+        )
     if len(texts) == 1:
         text = texts[0]
     else:
@@ -297,7 +575,7 @@ def read_text_source(source: str, download_dir: Path, redownload: bool = False) 
         text = "\n".join(t if t.endswith("\n") else t + "\n" for t in texts)
     if not text:
         raise UserError(f"data.source={source} is empty: point it at a text with at least a few thousand characters")
-    return text
+    return text, identity
 
 
 def _local_paths(source: str) -> list[Path]:
@@ -312,16 +590,6 @@ def _local_paths(source: str) -> list[Path]:
             raise UserError(f"data.source={source} matches no files (relative to {Path.cwd()})")
         return matches
     raise UserError(f"data.source={source} does not exist (relative to {Path.cwd()}): give a URL, a file or a glob")
-
-
-def _read_utf8(path: Path, source: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:  # text mode turns \r\n into \n, as nanoGPT's open() does
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} (data.source={source}) is not UTF-8 text: {e.reason} at byte {e.start}") from e
-    except OSError as e:
-        raise UserError(f"could not read {path} (data.source={source}): {e.strerror}") from e
 
 
 def download(url: str, dest: Path, timeout: float = 60.0) -> None:

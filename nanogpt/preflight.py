@@ -65,16 +65,30 @@ def check_optimizer(config: TrainConfig) -> None:
 
 def check_data_and_vocab(config: TrainConfig) -> dict:
     """Prepare the dataset if it is missing (the data cache, not the run dir), then check that the
-    model's vocabulary covers it and the training context fits in it. Returns the data's meta."""
-    from nanogpt.data import ensure_prepared
+    model's vocabulary covers it and the training context fits in it. Returns the data's meta.
 
-    meta = ensure_prepared(config.data)
+    From here until the process ends the data dir is held for reading: a prepare that would
+    rewrite it under this run refuses (nanogpt.data.hold_for_reading)."""
+    from nanogpt.data import ensure_prepared, hold_for_reading
+
+    ensure_prepared(config.data)
+    hold_for_reading(config.data.dir)
+    meta = ensure_prepared(config.data)  # again, now that no prepare can change it: a stat or two
     vocab = config.model.vocab_size
     if vocab is not None and vocab < meta["vocab_size"]:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the {meta['vocab_size']} tokens of data={config.data.name}: "
             f"set model.vocab_size=null (take the data's) or >= {meta['vocab_size']}"
         )
+    if config.init_from != "scratch":  # the weights' vocabulary, read without loading them (as check_init_from)
+        from nanogpt import weights
+
+        theirs = weights.peek_model_config(config.init_from).vocab_size
+        if theirs < meta["vocab_size"]:
+            raise ConfigError(
+                f"data={config.data.name} has {meta['vocab_size']} tokens but init_from={config.init_from} only "
+                f"{theirs}: train on data with the tokenizer of those weights"
+            )
     smallest = min(meta["train_tokens"], meta["val_tokens"])
     if smallest <= config.block_size:
         raise ConfigError(
@@ -92,6 +106,26 @@ def check_memory(config: TrainConfig, data_meta: dict) -> None:
     vocab = config.model.vocab_size or data_meta["vocab_size"]
     sharing = planned_world_size(config.hardware) if hw.device_type == "cpu" else 1  # GPUs: one per process
     memory.check_fits(config, vocab, hw.device, hw.dtype.itemsize, processes=sharing)
+
+
+def check_resume_data(run_dir: Path, meta: dict) -> None:
+    """A run continued in run_dir must train on the tokens it started on (a source edited and
+    prepared again may keep every size). Every checkpoint of a run records the same data, so one
+    that matches is enough; refused only when every readable one differs (a foreign file among
+    them is the loader's to skip). Each is memory-mapped: only its small metadata is read."""
+    from nanogpt.checkpoint import CheckpointDir, load_file
+    from nanogpt.data import check_same_data
+
+    mismatch = None
+    for path in CheckpointDir(run_dir / "checkpoints").candidates():
+        try:
+            payload = load_file(path, mmap=True)
+            check_same_data(payload.get("data_meta") or {}, meta)
+            return
+        except UserError as e:  # unreadable (the loader names it), or other data
+            mismatch = mismatch or (e if "the dataset differs" in str(e) else None)
+    if mismatch is not None:
+        raise mismatch
 
 
 @contextlib.contextmanager
@@ -194,7 +228,10 @@ class Preflight(Callback):
             check_hardware(train_config)
             check_optimizer(train_config)
             if self.check_data:
-                check_memory(train_config, check_data_and_vocab(train_config))
+                meta = check_data_and_vocab(train_config)
+                check_memory(train_config, meta)
+                if self.plan_runs and train_config.resume != "never":
+                    check_resume_data(Path(str(config.hydra.run.dir)), meta)
         clock.mark("checks and data")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

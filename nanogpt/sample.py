@@ -21,14 +21,9 @@ def read_prompt(cfg: SampleConfig) -> str:
         return cfg.prompt
     key, name = ("prompt_file", cfg.prompt_file) if cfg.prompt_file is not None else ("prompt", cfg.prompt[5:])
     spelled = f"{key}={cfg.prompt_file if key == 'prompt_file' else cfg.prompt}"
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise UserError(f"{spelled} does not exist: give an existing file, or use prompt=TEXT")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{spelled}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
-                        f"save it as UTF-8") from e
+    from nanogpt.userfiles import read_text
+
+    return read_text(name, spelled, fix="give an existing file, or use prompt=TEXT")
 
 
 def check_options(cfg: SampleConfig) -> None:

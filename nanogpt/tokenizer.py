@@ -7,6 +7,7 @@ an unpickler that can build plain containers only, so a hostile file cannot run 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from nanogpt.config import UserError
+from nanogpt.userfiles import read_bytes, read_json
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class CharTokenizer:
         return self._sorted_ids[pos_clipped]
 
     def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        _check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
     def meta(self) -> dict[str, Any]:
@@ -109,10 +113,23 @@ class TiktokenTokenizer:
         return self.enc.encode(text, allowed_special={"<|endoftext|>"} & self.enc.special_tokens_set)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.enc.decode(list(ids))
+        ids = list(ids)
+        _check_ids(ids, self.vocab_size)
+        return self.enc.decode(ids)
 
     def meta(self) -> dict[str, Any]:
         return {"encoding": self.name, "vocab_size": self.vocab_size, "eot_token": self.eot_token}
+
+
+def _check_ids(ids: list[int], vocab_size: int) -> None:
+    """A model whose vocabulary is larger than its tokenizer's (nanoGPT pads GPT-2's 50257 to
+    50304) can sample an id the tokenizer has no text for: say so, rather than IndexError/KeyError."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise UserError(
+            f"token id {bad} is not in the {vocab_size}-token vocabulary of the tokenizer: the model has more token "
+            f"ids than its tokenizer (is tokenizer= the one it was trained with?)"
+        )
 
 
 def get_tiktoken_encoding(name: str):
@@ -168,10 +185,7 @@ def load(spec: str) -> Tokenizer:
             raise UserError(f"tokenizer={spec} does not exist")
         return from_meta(meta_from_nanogpt_pickle(path))
     if path.suffix == ".json":
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not read tokenizer={spec} ({e})") from e
+        meta = read_json(path, f"tokenizer={spec}")
         if not isinstance(meta, dict):
             raise UserError(f"tokenizer={spec} is not a meta.json written by nanogpt-prepare")
         return from_meta(meta)
@@ -277,10 +291,10 @@ def meta_from_nanogpt_pickle(path: str | os.PathLike) -> dict[str, Any]:
     uint16 tokens).
     """
     path = Path(path)
+    data = read_bytes(path)
     try:
-        with open(path, "rb") as f:
-            raw = _PlainDataUnpickler(f, path).load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raw = _PlainDataUnpickler(io.BytesIO(data), path).load()
+    except (EOFError, pickle.UnpicklingError, ValueError, IndexError) as e:  # what a damaged pickle raises
         raise UserError(f"could not read {path} ({type(e).__name__}: {e})") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("itos"), dict):
         raise UserError(f"{path} is not a nanoGPT char meta.pkl: it has no 'itos' dict")
@@ -316,10 +330,8 @@ def convert_nanogpt_meta(pkl_path: str | os.PathLike) -> dict[str, Any]:
     meta = meta_from_nanogpt_pickle(pkl_path)
     json_path = pkl_path.parent / "meta.json"
     if json_path.exists():
-        from nanogpt.runfiles import read_json
-
         existing = read_json(json_path, fix=f"remove it, and it is rebuilt from {pkl_path}")
-        same = existing.get("encoding") == "char" and existing.get("chars") == meta["chars"]
+        same = isinstance(existing, dict) and existing.get("encoding") == "char" and existing.get("chars") == meta["chars"]
         if not same:
             raise UserError(f"{json_path} describes a different vocabulary than {pkl_path}: remove one of them")
         return existing

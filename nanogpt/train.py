@@ -241,13 +241,9 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
             f"{now['device_type']} in {now['dtype']}: continue it on the same hardware (set hardware.device and "
             f"hardware.dtype), or start a new run with init_from=<run dir>"
         )
-    saved_meta = payload.get("data_meta") or {}
-    for key in ("vocab_size", "train_tokens", "val_tokens", "encoding"):
-        if saved_meta.get(key) != data_meta.get(key):
-            raise UserError(
-                f"the dataset differs from the one the run trained on ({key}: {saved_meta.get(key)} then, "
-                f"{data_meta.get(key)} now): point data.dir/data.source at the run's dataset"
-            )
+    from nanogpt.data import check_same_data
+
+    check_same_data(payload.get("data_meta") or {}, data_meta)
     from nanogpt import sharding
 
     sharding.load_state_dicts(t.raw_model, t.optimizer, payload["model"], payload["optimizer"], t.fsdp, t.env.is_main)

@@ -11,7 +11,6 @@ Everything is read with safetensors or `torch.load(weights_only=True)`: no pickl
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from nanogpt import checkpoint
 from nanogpt.config import GPT2_NAMES, Activation, ModelConfig, UserError
+from nanogpt.userfiles import read_json
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _download_gpt2(name: str) -> Path:
 
 def _hf_model_config(path: Path) -> ModelConfig:
     try:
-        hf = json.loads((path / "config.json").read_text())
+        hf = read_json(path / "config.json")  # a user's file: not UTF-8 or not JSON is one line naming it
         shape = {k: hf[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path / 'config.json'} is not a GPT-2 config ({e.__class__.__name__}: {e})") from e

@@ -36,8 +36,9 @@ def read_bin(path, meta) -> np.ndarray:
 
 
 def leftovers(d) -> list[str]:
-    """What a data dir holds besides the (empty, permanent) lock file that serializes prepares."""
-    return sorted(p.name for p in d.iterdir() if p.name != ".prepare.lock") if d.exists() else []
+    """What a data dir holds besides the (empty, permanent) lock files: one serializes prepares, one
+    is held by the runs that read the dir."""
+    return sorted(p.name for p in d.iterdir() if p.name not in (".prepare.lock", ".readers.lock")) if d.exists() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_load_meta_rejects_what_it_cannot_read(tmp_path):
     with pytest.raises(UserError, match=r"lacks vocab_size, dtype, train_tokens, val_tokens"):
         load_meta(tmp_path)
     (tmp_path / "meta.json").write_text("{not json")
-    with pytest.raises(UserError, match=r"could not read .*meta.json"):
+    with pytest.raises(UserError, match=r"meta.json is not valid JSON \(.* at line 1, column 2\): re-prepare"):
         load_meta(tmp_path)
 
 
@@ -447,7 +448,7 @@ def test_missing_empty_and_odd_sources(tmp_path):
     with pytest.raises(UserError, match=r"holds 1 characters: too few to split"):
         prepare(data_config(tmp_path, tmp_path / "one.txt"))
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1.txt .* is not UTF-8 text"):
+    with pytest.raises(UserError, match=r"data.source=.*latin1.txt is not UTF-8 text \(unexpected end of data: byte 0xe9 at offset 3"):
         prepare(data_config(tmp_path, tmp_path / "latin1.txt"))
     with pytest.raises(ConfigError, match=r"data.val_fraction=1.5 must be between 0 and 1"):
         prepare(data_config(tmp_path, tmp_path / "one.txt", val_fraction=1.5))
@@ -464,11 +465,14 @@ def test_unreachable_url_is_a_user_error_and_leaves_nothing(tmp_path):
 
 
 def test_interrupted_prepare_leaves_no_dataset(tmp_path, shakespeare_path, monkeypatch):
+    """A prepare that fails keeps the old dataset whole until every new file is written; one that
+    dies while it swaps them in leaves no dataset, never old meta beside new tokens."""
     import nanogpt.data
 
     cfg = data_config(tmp_path, shakespeare_path)
     out = tmp_path / "data"
     prepare(cfg)
+    before = {f: (out / f).read_bytes() for f in FILES}
     # a re-prepare that fails before writing (here: a typo in the source) keeps the dataset
     with pytest.raises(UserError, match="does not exist"):
         prepare(data_config(tmp_path, tmp_path / "typo.txt"), force=True)
@@ -486,9 +490,21 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, shakespeare_path, monke
     monkeypatch.setattr(nanogpt.data, "encode_large", interrupted_on_val)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, force=True)
-    assert leftovers(out) == []  # the old dataset is gone, no temp files, and nothing half new
-    assert not is_prepared(out)
+    assert {f: (out / f).read_bytes() for f in FILES} == before  # no temp files, the old dataset untouched
     monkeypatch.undo()
+
+    real_replace = os.replace
+
+    def interrupted_between_renames(src, dst):
+        if str(dst).endswith("val.bin"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(nanogpt.data.os, "replace", interrupted_between_renames)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, force=True)
+    monkeypatch.undo()
+    assert leftovers(out) == ["train.bin", "val.bin"] and not is_prepared(out)  # no meta.json: no dataset
     assert ensure_prepared(cfg)["train_tokens"] == 1_003_854
 
 
@@ -540,7 +556,7 @@ def test_a_prepared_dir_is_not_reused_for_other_data(tmp_path, shakespeare_path)
     other = tmp_path / "other.txt"
     other.write_text("some other text\n" * 100)
     for changed in (replace(cfg, val_fraction=0.2), replace(cfg, source=str(other))):
-        with pytest.raises(ConfigError, match="was prepared with data.(val_fraction|source)=.*force=true"):
+        with pytest.raises(ConfigError, match="(was prepared with data.val_fraction=|holds the tokens of data.source=).*force=true"):
             ensure_prepared(changed)
     assert prepare(replace(cfg, val_fraction=0.2), force=True)["val_tokens"] == 223079
 

@@ -122,7 +122,7 @@ def test_sample_prompt_from_file_and_missing_file(char_run, tmp_path):
                  "num_samples=1", "max_new_tokens=10", cwd=cwd)
     assert ok.returncode == 0 and ok.stdout.startswith("JULIET:\n"), ok.stderr
     missing = run_cli("nanogpt.sample", f"init_from={run_dir}", "prompt_file=nope.txt", cwd=cwd)
-    assert_one_line_error(missing, "prompt_file=nope.txt does not exist")
+    assert_one_line_error(missing, f"prompt_file=nope.txt ({cwd / 'nope.txt'}) does not exist")
 
 
 def test_finetune_from_our_run_dir(char_run, shakespeare_path):
