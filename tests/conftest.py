@@ -64,6 +64,17 @@ def report_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A user mistake's answer: exit status 2 and one line on stderr, "error: ...", holding each
+    fragment. Returns the line."""
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600):
     """Run an entrypoint as a user would (python -m nanogpt.X ...), from cwd."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED, compose, require_shakespeare, run_cli
+from conftest import SHARED, assert_one_line_error, compose, require_shakespeare, run_cli
 from nanogpt import from_nanogpt, weights
 from nanogpt.config import ModelConfig, UserError
 from nanogpt.model import GPT
@@ -26,14 +26,6 @@ ITER20, ITER30 = FIXTURES / "char_2x64_iter20.pt", FIXTURES / "char_2x64_iter30.
 ATTN_BIAS = FIXTURES / "char_2x64_iter20_attn_bias.pt"
 REPO_DOCS = Path(__file__).resolve().parents[1] / "docs" / "from_nanogpt.md"
 FAST = ["hardware.peak_flops=1e11"]  # no CPU peak probe: start-up only
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

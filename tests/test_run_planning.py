@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SHAKESPEARE, TINY, require_shakespeare, run_cli
+from conftest import REPO, SHAKESPEARE, TINY, assert_one_line_error, require_shakespeare, run_cli
 
 
 def data_args(cwd: Path) -> list[str]:
@@ -27,13 +27,6 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def resolved(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.mark.slow
@@ -50,11 +43,11 @@ def test_a_second_start_in_a_live_run_dir_is_refused_and_the_first_ends_whole(tm
     started_by_first = (run_dir / "provenance.json").read_bytes()
 
     again = run_cli("nanogpt.train", *args, cwd=tmp_path)
-    line = one_error_line(again)
+    line = assert_one_line_error(again)
     assert f"{run_dir} is in use by process {first.pid} on " in line and " since 20" in line, line
     assert "pick another hydra.run.dir" in line
     resumed = run_cli("nanogpt.train", "resume=runs/x", "max_iters=70", cwd=tmp_path)
-    assert f"is in use by process {first.pid}" in one_error_line(resumed)
+    assert_one_line_error(resumed, f"is in use by process {first.pid}")
 
     first.stdout.read()
     assert first.wait(timeout=300) == 0
@@ -78,7 +71,7 @@ def test_a_refused_start_leaves_no_run_dir_behind(tmp_path):
     (tmp_path / "tiny.txt").write_text("to be or not to be " * 3)
     result = run_cli("nanogpt.train", "data=text", f"data.source={tmp_path / 'tiny.txt'}",
                      f"data.dir={tmp_path / 'cache'}", "hydra.run.dir=deep/er/run", cwd=tmp_path)
-    assert "block_size=64 needs more than 64 tokens" in one_error_line(result)
+    assert_one_line_error(result, "block_size=64 needs more than 64 tokens")
     assert not (tmp_path / "deep").exists()
 
 
@@ -98,7 +91,7 @@ def test_extending_twice_then_repeating_the_command_has_nothing_to_do(tmp_path):
     assert repeat.returncode == 0 and "nothing to do: the run already reached max_iters=12" in repeat.stdout
     # a derived key the user sets is the user's choice, and a change
     changed = run_cli("nanogpt.train", *args, "max_iters=12", "optim.decay_iters=6", cwd=tmp_path)
-    assert "holds a run with optim.decay_iters=4, and this command sets 6" in one_error_line(changed)
+    assert_one_line_error(changed, "holds a run with optim.decay_iters=4, and this command sets 6")
 
 
 @pytest.mark.slow
@@ -135,11 +128,11 @@ def test_the_preview_shows_the_config_a_continued_run_would_use(tmp_path):
     hydra_part = run_cli("nanogpt.train", "resume=runs/r", "--cfg", "hydra", "--package", "hydra.run", cwd=tmp_path)
     assert yaml.safe_load(hydra_part.stdout.split("\n", 1)[1]) == {"dir": str(run_dir.relative_to(tmp_path))}
     refused = run_cli("nanogpt.train", "resume=runs/r", "model.n_layer=2", "--cfg", "job", cwd=tmp_path)
-    assert "model.n_layer=2 would change resume=runs/r" in one_error_line(refused)
+    assert_one_line_error(refused, "model.n_layer=2 would change resume=runs/r")
     assert (run_dir / "run.lock").stat().st_mtime_ns == lock_before  # a preview takes no lock, writes nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs"]
     sweep_preview = run_cli("nanogpt.train", "-m", "seed=1,2", "--cfg", "job", cwd=tmp_path)
-    assert "drop -m" in one_error_line(sweep_preview)
+    assert_one_line_error(sweep_preview, "drop -m")
 
 
 SIGNAL_DURING_STARTUP = """

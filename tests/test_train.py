@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_shakespeare, run_cli
+from conftest import assert_one_line_error, require_shakespeare, run_cli
 
 FAST = ["max_iters=20", "eval_interval=10", "eval_iters=2", "log_interval=5"]
 
@@ -17,14 +17,6 @@ def only_run_dir(cwd: Path) -> Path:
     runs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
