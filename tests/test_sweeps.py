@@ -525,5 +525,5 @@ def test_a_sweep_refused_for_its_data_leaves_nothing(tmp_path):
                      "data.dir=d", *TINY, cwd=tmp_path)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: job 0 (seed=1 ") and "data.dir=d was prepared with" in line, line
+    assert line.startswith("error: job 0 (seed=1 ") and "data.dir=d holds the tokens of data.source=" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no multirun/
