@@ -20,6 +20,7 @@ No torch here: this runs on every launch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 import os
 import tempfile
@@ -276,3 +277,18 @@ def replace_task_config(cfg: DictConfig, snapshot: DictConfig, source: Path) -> 
     except Exception as e:  # a key this version no longer has, or a value it no longer accepts
         raise ConfigError(f"the config of {source} does not fit this version of nanogpt ({e}): "
                           f"run it with the version that wrote it") from e
+
+
+def foreign_checkpoint(payload: dict, resolved: dict) -> str | None:
+    """Why a checkpoint found in the run dir is another run's (a file copied in), or None. By the
+    time the run loads it, planning has refused any change the command made to the run's recorded
+    config, so a checkpoint whose config differs from it in a key a run keeps is not this run's."""
+    try:
+        theirs = flatten(json.loads(payload["config"]))
+    except (ValueError, TypeError):
+        return "its config is not readable"
+    ours = flatten(resolved)
+    for key in sorted(theirs.keys() | ours.keys()):
+        if not is_resumable(key) and theirs.get(key) != ours.get(key):
+            return f"it is another run's file ({key}={theirs.get(key)!r} there, {ours.get(key)!r} in this run)"
+    return None

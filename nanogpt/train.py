@@ -470,68 +470,6 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     return result
 
 
-def _in_chain(exc: BaseException | None, wanted) -> BaseException | None:
-    """The first exception in exc's chain (exc, its cause or context, ...) that wanted(e) accepts."""
-    while exc is not None:
-        if wanted(exc):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def interrupted(exc: BaseException | None) -> bool:
-    """Did a second Ctrl-C end the run? It may surface as another error: interrupting torch.save
-    makes its zip writer raise a RuntimeError, with the KeyboardInterrupt as its context."""
-    return _in_chain(exc, lambda e: isinstance(e, KeyboardInterrupt)) is not None
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))  # the CPU allocator's
-
-
-def as_user_error(exc: BaseException, run_dir: Path, config: TrainConfig) -> UserError | None:
-    """The one line for an error that ended a run but is no bug of ours: the machine ran out of
-    memory, or the disk refused a write (full, quota, read-only). None for anything else."""
-    from nanogpt import memory
-    from nanogpt.runfiles import DISK_ERRNOS, write_error
-
-    if isinstance(exc, UserError):
-        return exc
-    if _in_chain(exc, _out_of_memory) is not None:
-        return memory.out_of_memory_error(config, str(_in_chain(exc, _out_of_memory)))
-    disk = _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in DISK_ERRNOS)
-    if disk is not None:
-        return write_error(disk.filename or run_dir, disk, run_dir)
-    return None
-
-
-def last_checkpoint_words(run_dir: Path) -> str:
-    from nanogpt.checkpoint import CheckpointDir
-
-    step = CheckpointDir(run_dir / "checkpoints").last_step()
-    return "no checkpoint was saved" if step is None else f"the last checkpoint is step {step}"
-
-
-def another_runs(payload: dict, resolved: dict) -> str | None:
-    """Why a checkpoint found in the run dir is another run's (a file copied in), or None. By the
-    time the run loads it, planning has refused any change the command made to the run's recorded
-    config, so a checkpoint whose config differs from it in a key a run keeps is not this run's."""
-    from nanogpt.resume import flatten, is_resumable
-
-    try:
-        theirs = flatten(json.loads(payload["config"]))
-    except (ValueError, TypeError):
-        return "its config is not readable"
-    ours = flatten(resolved)
-    for key in sorted(theirs.keys() | ours.keys()):
-        if not is_resumable(key) and theirs.get(key) != ours.get(key):
-            return f"it is another run's file ({key}={theirs.get(key)!r} there, {ours.get(key)!r} in this run)"
-    return None
-
-
 def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
                          whole: bool = True) -> tuple[dict | None, Path | None]:
     """The newest good checkpoint of the run dir when the run continues (resume is not never);
@@ -539,7 +477,7 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
     instead of reading it (for a caller that only looks at its config and step)."""
     from nanogpt import from_nanogpt
     from nanogpt.checkpoint import CheckpointDir
-    from nanogpt.resume import refuse_changes, refuse_overwrite
+    from nanogpt.resume import foreign_checkpoint, refuse_changes, refuse_overwrite
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     for partial in checkpoints.remove_partial_writes():  # also of a save before the first checkpoint
@@ -548,7 +486,7 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
         return from_nanogpt.checkpoint_to_resume(config)
     if config.resume == "never":
         refuse_overwrite(run_dir)
-    payload, path = checkpoints.load_latest_good(mmap=not whole, belongs=lambda p: another_runs(p, resolved))
+    payload, path = checkpoints.load_latest_good(mmap=not whole, belongs=lambda p: foreign_checkpoint(p, resolved))
     refuse_changes(json.loads(payload["config"]), resolved, run_dir)
     log.info(f"resuming from {path} (step {payload['step']})")
     return payload, path
@@ -559,6 +497,7 @@ def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from nanogpt import distributed, launch
+    from nanogpt.failures import as_user_error, interrupted, last_checkpoint_words
     from nanogpt.preflight import check_data_and_vocab, to_train_config
     from nanogpt.provenance import RunRecord
     from nanogpt.runfiles import drop_failing_log_files

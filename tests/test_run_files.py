@@ -368,7 +368,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_the_run_dir_exists(r
 
 def test_running_out_of_memory_mid_run_is_one_line():
     from nanogpt.config import TrainConfig
-    from nanogpt.train import as_user_error
+    from nanogpt.failures import as_user_error
 
     failure = RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 838860800000 bytes. Error code 12 (Cannot allocate memory)")
