@@ -91,11 +91,12 @@ def test_resume_continues_a_nanogpt_checkpoint_with_nanogpts_own_losses(workspac
 
     # a fresh run dir of ours that records what it continues; nanoGPT's config kept, mapped to ours
     config = json.loads(saved["config"])
-    assert config["resume"] == str(ITER20) and config["seed"] == 1337
+    assert Path(config["resume"]).resolve() == ITER20.resolve() and config["seed"] == 1337  # paths compared as files
     assert config["model"]["n_layer"] == 2 and config["model"]["n_embd"] == 64 and config["model"]["bias"] is False
     assert config["optim"]["decay_iters"] == 5000 and config["optim"]["beta2"] == 0.99 and config["eval_iters"] == 5
     provenance = json.loads((cwd / "cont" / "provenance.json").read_text())
-    assert provenance["continues"] == {"checkpoint": str(ITER20), "step": 20}
+    assert Path(provenance["continues"]["checkpoint"]).resolve() == ITER20.resolve()
+    assert provenance["continues"]["step"] == 20
 
 
 @pytest.mark.slow
