@@ -39,6 +39,7 @@ def test_every_group_option_composes_and_validates(override):
     assert isinstance(config, TrainConfig)
 
 
+@pytest.mark.slow
 def test_every_option_composes_with_every_other():
     """One option of each group against all options of every other group (pairwise coverage)."""
     for g1 in GROUPS:

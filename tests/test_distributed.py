@@ -89,6 +89,7 @@ def assert_one_run_dir(cwd: Path) -> Path:
 # --- the global batch ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch", [4, 2], ids=["2x1 vs 1x2", "2x2 vs 1x4"])
 def test_the_global_batch_trains_the_same_however_it_is_split(workspace, micro_batch):
     cwd, base = workspace
@@ -145,6 +146,7 @@ def ddp_straight(workspace):
     return train(cwd, base, "ddp_straight", *DDP_40)[0]
 
 
+@pytest.mark.slow
 def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
     cwd, base = workspace
     args, straight = DDP_40, ddp_straight
@@ -215,6 +217,7 @@ FAILURES = {  # how rank 1 fails: the exit code the launcher's error names, and 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", FAILURES)
 def test_a_failure_on_one_rank_stops_every_rank_quickly(workspace, tmp_path, failure):
     cwd, base = workspace
@@ -318,6 +321,7 @@ def test_a_broken_launcher_variable_is_named(launcher_env):
 # --- FSDP2 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_without_it(workspace):
     cwd, base = workspace
     split = ["batch_size=4", "global_batch_size=8", "max_iters=10"]
@@ -333,6 +337,7 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_without_it(worksp
     assert sampled.returncode == 0 and len(sampled.stdout) > 20, sampled.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_and_plain_checkpoints_continue_each_other(workspace, ddp_straight):
     """20 steps sharded on 2 processes, 10 more on 1 plain process, 10 more sharded again: the
     data order is global, the optimizer state crosses both ways (names <-> numbers), and the run

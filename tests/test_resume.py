@@ -194,6 +194,7 @@ def test_a_corrupt_checkpoint_is_named_and_resume_falls_back_to_the_previous_one
     assert_same_run(run_dir, straight)
 
 
+@pytest.mark.slow
 def test_reproduce_trains_the_same_run_again_in_a_fresh_dir(workspace):
     cwd, data_dir, straight = workspace
     other_cwd = cwd / "elsewhere"  # a relative data.dir in the snapshot would point elsewhere; ours is absolute
@@ -226,6 +227,7 @@ def test_reproduce_warns_when_the_code_differs(workspace):
     assert json.loads((cwd / "warned" / "provenance.json").read_text())["reproduced_from"]["warnings"]
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_keeps_its_schedule_and_appends_to_its_wandb_run(workspace):
     cwd, data_dir, _ = workspace
     args = ["hydra.run.dir=wandb_run", "logger=wandb", "logger.mode=offline"]

@@ -111,6 +111,7 @@ def test_a_finished_sweep_is_extended_by_a_longer_max_iters(tmp_path):
         assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["max_iters"] == 2
 
 
+@pytest.mark.slow
 def test_the_preview_shows_the_config_a_continued_run_would_use(tmp_path):
     require_shakespeare()
     run_dir = tmp_path / "runs" / "r"

@@ -64,6 +64,7 @@ def test_run_dir_records_what_ran(char_run):
     assert record["versions"]["torch"] and record["versions"]["hydra-core"]
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path, shakespeare_path):
     import os
     import subprocess
@@ -141,6 +142,7 @@ def test_finetune_from_our_run_dir(char_run, shakespeare_path):
     assert_one_line_error(refused, "was trained with another characters")
 
 
+@pytest.mark.slow
 def test_bench_prints_speed_and_mfu(char_run, tmp_path, shakespeare_path):
     cwd, _, _ = char_run
     real = run_cli("nanogpt.bench", f"data.source={shakespeare_path}", "bench.steps=3", "bench.warmup_steps=1", cwd=cwd)
@@ -154,6 +156,7 @@ def test_bench_prints_speed_and_mfu(char_run, tmp_path, shakespeare_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace"]
 
 
+@pytest.mark.slow
 def test_gpt2_bpe_data_and_wandb_offline(tmp_path, shakespeare_path, gpt2_tiktoken):
     args = ["data=shakespeare", f"data.source={shakespeare_path}", "model.n_layer=1", "model.n_embd=32",
             "model.n_head=2", "logger=wandb", "logger.mode=offline", *FAST]
@@ -231,6 +234,7 @@ def test_eval_gpt2_recipe_on_local_weights(tmp_path, tiny_hf_gpt2_dir, shakespea
     assert sampled.returncode == 0 and sampled.stdout.startswith("Hello, world"), sampled.stderr
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_the_run_dir(tmp_path, shakespeare_path):
     import uuid
 
