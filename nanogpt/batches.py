@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 
 
 class RandomWindows:

@@ -14,8 +14,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import BenchConfig, ConfigError, check_world_size
+from nanogpt.cli import hydra_entrypoint
+from nanogpt.config import BenchConfig, check_world_size, config_dir
+from nanogpt.errors import ConfigError, user_errors
 
 log = logging.getLogger("nanogpt")
 

@@ -45,7 +45,8 @@ from typing import Any
 
 import torch
 
-from nanogpt.config import ModelConfig, UserError
+from nanogpt.config import ModelConfig
+from nanogpt.errors import UserError
 from nanogpt.runfiles import RunFileError, read_json
 
 FORMAT = "nanogpt-checkpoint"

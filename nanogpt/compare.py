@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 
 BEGIN = "<!-- nanogpt-compare: begin (everything up to the end marker is rewritten) -->"
 END = "<!-- nanogpt-compare: end -->"
@@ -74,7 +74,8 @@ def check_experiments(experiments: list[str], overrides: list[str]) -> None:
     override is named here, not after the baseline has trained."""
     from hydra import compose, initialize_config_dir
 
-    from nanogpt.cli import config_dir, one_line, register_configs
+    from nanogpt.config import config_dir, register_configs
+    from nanogpt.errors import one_line
     from nanogpt.preflight import check_hardware, check_optimizer, to_train_config
 
     if len(experiments) < 2:

@@ -1,4 +1,5 @@
-"""The typed schema behind every config in conf/ and experiments/.
+"""The configs: the typed schema behind every file in conf/ and experiments/, where those files
+are found, and how a composed config becomes its dataclass.
 
 Hydra merges the YAML files onto these dataclasses, so a misspelled key or a value of the wrong
 type fails at composition time with the key's full name. Rules that span several fields live in
@@ -9,19 +10,15 @@ This module must stay cheap to import (no torch): `nanogpt-train --cfg job` goes
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
-
-class UserError(Exception):
-    """A user mistake (bad config, missing file, no network): one line that says what and how to fix it."""
-
-
-class ConfigError(UserError):
-    """A config value or combination that cannot work: the message names the key."""
+from nanogpt.errors import ConfigError, one_line
 
 
 class Activation(str, Enum):
@@ -325,6 +322,54 @@ def check_world_size(c: TrainConfig, world_size: int) -> int:
     return c.global_batch_size // per_micro_step
 
 
+# Where the configs live. They ship two ways: in a checkout they are conf/ and experiments/ beside
+# the package; in an installed wheel they are copied into the package (see pyproject.toml).
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _first_existing(*candidates: Path) -> Path:
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"none of {[str(p) for p in candidates]} exists: is the package installed completely?")
+
+
+def config_dir() -> Path:
+    return _first_existing(PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf")
+
+
+def experiments_dir() -> Path:
+    return _first_existing(PACKAGE_DIR / "experiments", PACKAGE_DIR.parent / "experiments")
+
+
+def site_dirs() -> list[Path]:
+    """Where a user's site files (NAME.yaml: partition, account, ... of their cluster) are found
+    besides the package's own conf/site/, the later winning: ~/.config/nanogpt/site/ (or
+    $XDG_CONFIG_HOME/nanogpt/site/), then ./conf/site/ in the working dir. An installed package's
+    own conf/ is inside site-packages, where no user writes."""
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [config_home / "nanogpt" / "site", Path("conf") / "site"]
+
+
+def register_configs() -> None:
+    """Make everything the defaults lists and the command line may name known to Hydra: the
+    schemas, every experiments/*.yaml (as group `experiment`, package _global_, so that
+    `experiment=NAME` selects experiments/NAME.yaml in a checkout and from a wheel alike), the
+    user's site files, and the resolvers conf/ uses."""
+    from hydra.core.config_store import ConfigStore
+
+    register_schemas()
+    # run dirs are named by time and pid: two runs started in the same second never share one
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", os.getpid)
+    if not OmegaConf.has_resolver("gpus_per_node"):  # conf/launcher/*.yaml derive a job's GPUs with it
+        OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node)
+    register_sites()
+    cs = ConfigStore.instance()
+    for path in sorted(experiments_dir().glob("*.yaml")):
+        cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
 def register_schemas() -> None:
     """Make the schemas available to the defaults lists of conf/*.yaml."""
     from hydra.core.config_store import ConfigStore
@@ -334,3 +379,55 @@ def register_schemas() -> None:
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+
+
+def register_sites() -> None:
+    """Every site file of site_dirs() as an option of the group `site` (package hydra.launcher, as
+    conf/site/example.yaml says), so that site=NAME finds it in a checkout and from a wheel alike."""
+    from hydra.core.config_store import ConfigStore
+
+    shipped = {path.stem for path in (config_dir() / "site").glob("*.yaml")}  # found anyway, and they win
+    for folder in site_dirs():
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            if path.stem in shipped:
+                continue
+            ConfigStore.instance().store(group="site", name=path.stem, node=OmegaConf.load(path),
+                                         package="hydra.launcher", provider=str(folder))
+
+
+def gpus_per_node(device: str, nproc_per_node: int) -> int | None:
+    """GPUs a job asks for on each node: one per process, unless the hardware is the CPU (or
+    Apple's GPU), where it asks for none (None: sbatch rejects --gpus-per-node=0 on a node without
+    GPUs). `auto` counts as CUDA: a cluster job is sent to GPUs unless it says cpu."""
+    name = getattr(device, "name", device)  # the schema's Device enum, or its name
+    return None if name in ("cpu", "mps") else int(nproc_per_node)
+
+
+def to_object(cfg, schema: type | None = None):
+    """A composed config as its typed dataclass (or `schema`'s, merged first), with a missing
+    mandatory value (`???`, e.g. data=text without data.source) as a one-line ConfigError."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        if schema is not None:
+            cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        reference = OmegaConf.to_container(OmegaConf.structured(OmegaConf.get_type(cfg)))
+        unknown = _unknown_keys(OmegaConf.to_container(cfg), reference)
+        if unknown:  # added with +key=...: merging typed configs would drop them silently
+            raise ConfigError(f"{unknown[0]} is not a config key: check the spelling; --cfg job lists every key")
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "") or str(e)
+        raise ConfigError(f"{key} is required and has no value: set it on the command line ({key}=...)") from e
+    except OmegaConfBaseException as e:  # e.g. a key added with +key=... that the schema lacks
+        raise ConfigError(one_line(e)) from e
+
+
+def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in values.items():
+        if key not in schema:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(schema[key], dict):
+            unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return unknown

@@ -54,7 +54,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nanogpt.config import ConfigError, DataConfig, DataFormat, UserError
+from nanogpt.config import DataConfig, DataFormat
+from nanogpt.errors import ConfigError, UserError
 from nanogpt.tokenizer import (
     META_FORMAT_VERSION,
     CharTokenizer,

@@ -20,7 +20,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from nanogpt.config import ConfigError
+from nanogpt.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanogpt.config import TrainConfig, UserError
+from nanogpt.config import TrainConfig
+from nanogpt.errors import UserError
 
 
 def _in_chain(exc: BaseException | None, wanted) -> BaseException | None:

@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nanogpt.config import BenchConfig, ConfigError, SampleConfig, TrainConfig, UserError
+from nanogpt.config import BenchConfig, SampleConfig, TrainConfig
+from nanogpt.errors import ConfigError, UserError
 
 
 class Key(NamedTuple):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanogpt.config import ConfigError, Device, DType, HardwareConfig
+from nanogpt.config import DType, Device, HardwareConfig
+from nanogpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

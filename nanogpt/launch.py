@@ -16,8 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
-from nanogpt.config import TrainConfig, UserError
+from nanogpt.config import TrainConfig
 from nanogpt.distributed import DistEnv
+from nanogpt.errors import UserError
 
 log = logging.getLogger("nanogpt")
 

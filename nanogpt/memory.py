@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.config import ConfigError, Position, TrainConfig, UserError
+from nanogpt.config import Position, TrainConfig
+from nanogpt.errors import ConfigError, UserError
 
 GIB = 1024**3
 

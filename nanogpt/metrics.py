@@ -15,7 +15,8 @@ import logging
 import time
 from pathlib import Path
 
-from nanogpt.config import LoggerConfig, LoggerName, UserError
+from nanogpt.config import LoggerConfig, LoggerName
+from nanogpt.errors import UserError
 from nanogpt.runfiles import read_jsonl, write_error
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,9 @@ Hydra calls `Preflight.on_run_start` (registered under `hydra.callbacks` in conf
 with the composed config, before it makes the run dir. A failed check raises a UserError, which
 `nanogpt.cli.hydra_entrypoint` prints as one line. A sweep is checked once with its base config
 (`on_multirun_start`); each job checks its own overrides again when it starts.
+
+Choices that belong to the whole command (the launcher, the site, the sweep preset) are checked
+here too: a list of them in a sweep, and any of them in a single run, where they would do nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from nanogpt.cli import to_object, user_errors
-from nanogpt.config import ConfigError, TrainConfig, UserError, check_train_config, check_world_size
+from nanogpt.config import TrainConfig, check_train_config, check_world_size, site_dirs, to_object
 from nanogpt.distributed import planned_world_size
+from nanogpt.errors import ConfigError, UserError, user_errors
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -196,6 +199,61 @@ def check_working_dir(cfg: DictConfig) -> None:
         )
 
 
+# Choices that belong to the whole command, not to one job: what runs the jobs (and where), and
+# which sweep it is. Swept, every job would get its own value and the launcher would use one; in
+# a single run (no --multirun) they do nothing.
+COMMAND_GROUPS = ("sweep", "launcher", "site", "hydra/launcher", "hydra/sweeper")
+COMMAND_KEYS = ("hydra.launcher.", "hydra.sweeper.", "hydra.sweep.")
+
+
+def _command_overrides(config: DictConfig) -> list:
+    """The command line's overrides of COMMAND_GROUPS and COMMAND_KEYS, parsed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    # as written: read through the config, an override such as seed=${oops} would be resolved
+    given = [*OmegaConf.to_container(config.hydra.overrides.hydra), *OmegaConf.to_container(config.hydra.overrides.task)]
+    return [o for o in OverridesParser.create().parse_overrides(given)
+            if o.key_or_group in COMMAND_GROUPS or o.key_or_group.startswith(COMMAND_KEYS)]
+
+
+def refuse_in_a_single_run(config: DictConfig) -> None:
+    """sweep=, launcher=, site= and the launcher's settings do nothing without --multirun."""
+    for o in _command_overrides(config):
+        if o.key_or_group == "hydra.sweep.dir" or o.key_or_group.startswith("hydra.sweep.subdir"):
+            continue  # harmless, and `nanogpt-report`'s finish command may carry it
+        raise ConfigError(f"{o.input_line} sets how the jobs of a sweep run, and without --multirun this command "
+                          f"runs one job here: add --multirun (-m), or drop {o.input_line}")
+
+
+def check_site(config: DictConfig) -> None:
+    """A site the command names exists: Hydra skips an optional config that is missing, and the
+    SLURM presets read the site optionally (conf/site/local.yaml need not exist)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    named = [o for o in _command_overrides(config) if o.key_or_group == "site"]
+    if not named:
+        return
+    site = config.hydra.runtime.choices.get("site")
+    sites = GlobalHydra.instance().config_loader().get_group_options("site")
+    if site not in sites:
+        where = ", ".join(["the package's conf/site/", *(f"{d}/" for d in site_dirs())])
+        raise ConfigError(f"site={site} names no site file: the sites are {', '.join(sites)} (from {where}); "
+                          f"check the spelling, or write {site}.yaml in one of those dirs (see conf/site/example.yaml)")
+
+
+def refuse_swept_command_choices(config: DictConfig) -> None:
+    """One sweep has one launcher, one site and one preset: a list of them is refused."""
+    for o in _command_overrides(config):
+        if not o.is_sweep_override():
+            continue
+        key = o.key_or_group
+        if key == "sweep":
+            fix = "give one preset (sweep=NAME), and list more values on the command line (optim.lr=1e-3,3e-3)"
+        else:
+            fix = f"give one value, and run one sweep per {key}"
+        raise ConfigError(f"{o.input_line} sweeps {key}, which belongs to the whole command, not to one job: {fix}")
+
+
 class Preflight(Callback):
 
     def __init__(self, check_data: bool = True, plan_runs: bool = False):
@@ -207,8 +265,6 @@ class Preflight(Callback):
 
         clock.mark("interpreter and config")
         with stop_on_error():
-            from nanogpt.sweep import refuse_in_a_single_run
-
             check_working_dir(config)
             refuse_in_a_single_run(config)
             if self.plan_runs:
@@ -236,8 +292,6 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with stop_on_error():
-            from nanogpt.sweep import check_site, refuse_swept_command_choices
-
             check_working_dir(config)
             refuse_swept_command_choices(config)
             check_site(config)

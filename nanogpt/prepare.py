@@ -13,8 +13,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nanogpt.cli import config_dir, hydra_entrypoint, to_object, user_errors
-from nanogpt.config import PrepareConfig
+from nanogpt.cli import hydra_entrypoint
+from nanogpt.config import PrepareConfig, config_dir, to_object
+from nanogpt.errors import user_errors
 
 
 @hydra.main(config_path=str(config_dir()), config_name="prepare", version_base="1.3")

@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nanogpt.cli import PACKAGE_DIR
+from nanogpt.config import PACKAGE_DIR
 from nanogpt.runfiles import RunFileError, read_json, read_yaml, write_error
 
 log = logging.getLogger("nanogpt")

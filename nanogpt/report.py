@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 from nanogpt.runfiles import RunFileError, read_json, read_jsonl, read_yaml
 
 # a run file that cannot be read: the report goes on without what it would add

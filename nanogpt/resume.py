@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
-from nanogpt.config import ConfigError
+from nanogpt.errors import ConfigError
 from nanogpt.runfiles import read_yaml
 
 # what to do when a run's own config files cannot be read back

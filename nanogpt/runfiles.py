@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 
 DEFAULT_FIX = "restore it from a copy, or move it aside"
 # what a disk says when it refuses a write: full, over quota, read-only, not ours to write, failing

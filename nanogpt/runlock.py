@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 
 log = logging.getLogger(__name__)
 

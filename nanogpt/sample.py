@@ -7,8 +7,9 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from nanogpt.cli import config_dir, hydra_entrypoint, to_object, user_errors
-from nanogpt.config import SampleConfig, UserError
+from nanogpt.cli import hydra_entrypoint
+from nanogpt.config import SampleConfig, config_dir, to_object
+from nanogpt.errors import UserError, user_errors
 
 log = logging.getLogger("nanogpt")
 

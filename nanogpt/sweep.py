@@ -41,116 +41,13 @@ from typing import Callable, Iterator, Sequence
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt.config import ConfigError, UserError
+from nanogpt.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
 # hydra.launcher keys that the hardware group decides (conf/launcher/slurm.yaml): one SLURM array
 # has one value of each, so the jobs of a sweep must agree on them
 RESOURCES = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task")
-
-
-def gpus_per_node(device: str, nproc_per_node: int) -> int | None:
-    """GPUs a job asks for on each node: one per process, unless the hardware is the CPU (or
-    Apple's GPU), where it asks for none (None: sbatch rejects --gpus-per-node=0 on a node without
-    GPUs). `auto` counts as CUDA: a cluster job is sent to GPUs unless it says cpu."""
-    name = getattr(device, "name", device)  # the schema's Device enum, or its name
-    return None if name in ("cpu", "mps") else int(nproc_per_node)
-
-
-# Choices that belong to the whole command, not to one job: what runs the jobs (and where), and
-# which sweep it is. Swept, every job would get its own value and the launcher would use one; in
-# a single run (no --multirun) they do nothing.
-COMMAND_GROUPS = ("sweep", "launcher", "site", "hydra/launcher", "hydra/sweeper")
-COMMAND_KEYS = ("hydra.launcher.", "hydra.sweeper.", "hydra.sweep.")
-
-
-def _command_overrides(config: DictConfig) -> list:
-    """The command line's overrides of COMMAND_GROUPS and COMMAND_KEYS, parsed."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    # as written: read through the config, an override such as seed=${oops} would be resolved
-    given = [*OmegaConf.to_container(config.hydra.overrides.hydra), *OmegaConf.to_container(config.hydra.overrides.task)]
-    return [o for o in OverridesParser.create().parse_overrides(given)
-            if o.key_or_group in COMMAND_GROUPS or o.key_or_group.startswith(COMMAND_KEYS)]
-
-
-def refuse_in_a_single_run(config: DictConfig) -> None:
-    """sweep=, launcher=, site= and the launcher's settings do nothing without --multirun."""
-    for o in _command_overrides(config):
-        if o.key_or_group == "hydra.sweep.dir" or o.key_or_group.startswith("hydra.sweep.subdir"):
-            continue  # harmless, and `nanogpt-report`'s finish command may carry it
-        raise ConfigError(f"{o.input_line} sets how the jobs of a sweep run, and without --multirun this command "
-                          f"runs one job here: add --multirun (-m), or drop {o.input_line}")
-
-
-def site_dirs() -> list[Path]:
-    """Where a user's site files (NAME.yaml: partition, account, ... of their cluster) are found
-    besides the package's own conf/site/, the later winning: ~/.config/nanogpt/site/ (or
-    $XDG_CONFIG_HOME/nanogpt/site/), then ./conf/site/ in the working dir. An installed package's
-    own conf/ is inside site-packages, where no user writes."""
-    import os
-
-    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return [config_home / "nanogpt" / "site", Path("conf") / "site"]
-
-
-def register_sites() -> None:
-    """Every site file of site_dirs() as an option of the group `site` (package hydra.launcher, as
-    conf/site/example.yaml says), so that site=NAME finds it in a checkout and from a wheel alike."""
-    from hydra.core.config_store import ConfigStore
-
-    from nanogpt.cli import config_dir
-
-    shipped = {path.stem for path in (config_dir() / "site").glob("*.yaml")}  # found anyway, and they win
-    for folder in site_dirs():
-        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
-            if path.stem in shipped:
-                continue
-            ConfigStore.instance().store(group="site", name=path.stem, node=OmegaConf.load(path),
-                                         package="hydra.launcher", provider=str(folder))
-
-
-def check_site(config: DictConfig) -> None:
-    """A site the command names exists: Hydra skips an optional config that is missing, and the
-    SLURM presets read the site optionally (conf/site/local.yaml need not exist)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    named = [o for o in _command_overrides(config) if o.key_or_group == "site"]
-    if not named:
-        return
-    site = config.hydra.runtime.choices.get("site")
-    sites = GlobalHydra.instance().config_loader().get_group_options("site")
-    if site not in sites:
-        where = ", ".join(["the package's conf/site/", *(f"{d}/" for d in site_dirs())])
-        raise ConfigError(f"site={site} names no site file: the sites are {', '.join(sites)} (from {where}); "
-                          f"check the spelling, or write {site}.yaml in one of those dirs (see conf/site/example.yaml)")
-
-
-def site_needs_slurm(error: BaseException) -> UserError | None:
-    """Hydra's answer to site=NAME with a launcher that has no site (launcher=local or
-    submitit_local) suggests +site=NAME, which fails again: say what a site is for instead."""
-    import re
-
-    if "Could not override 'site'" not in str(error):
-        return None
-    given = re.search(r"\+(site=\S+)", str(error))
-    site = given.group(1) if given else "site=NAME"
-    return ConfigError(f"{site} sets where SLURM jobs go (partition, account, ...), and only launcher=slurm and "
-                       f"launcher=preemptible submit to SLURM: add launcher=slurm, or drop {site}")
-
-
-def refuse_swept_command_choices(config: DictConfig) -> None:
-    """One sweep has one launcher, one site and one preset: a list of them is refused."""
-    for o in _command_overrides(config):
-        if not o.is_sweep_override():
-            continue
-        key = o.key_or_group
-        if key == "sweep":
-            fix = "give one preset (sweep=NAME), and list more values on the command line (optim.lr=1e-3,3e-3)"
-        else:
-            fix = f"give one value, and run one sweep per {key}"
-        raise ConfigError(f"{o.input_line} sweeps {key}, which belongs to the whole command, not to one job: {fix}")
 
 
 @dataclass
@@ -307,7 +204,7 @@ def sweep_dir_made(config: DictConfig) -> Iterator[Path]:
 def run_one(job: SweepJob, run: Callable[[], JobReturn]) -> JobReturn:
     """Run one job of the sweep (run: Hydra's run_job) and return how it ended, never raising for
     a job's own failure, so the sweep goes on with its other jobs and names this one at the end.
-    A user mistake the job refused ends it with its one line and status 2 (nanogpt.cli.user_errors),
+    A user mistake the job refused ends it with its one line and status 2 (nanogpt.errors.user_errors),
     as a single run; that SystemExit is raised while handling the UserError, its __context__."""
     try:
         ret = run()
@@ -401,9 +298,3 @@ def check_all_finished(sweep_dir: Path, outcomes: list[Outcome], limits: str = "
     command = resume_command(sweep_dir)
     raise UserError(f"{len(failed)} of {len(outcomes)} jobs failed: {names}{others}"
                     + (f"; to finish the sweep: {command} (it skips the jobs that finished)" if command else ""))
-
-
-def register_resolvers() -> None:
-    """The resolver conf/launcher/*.yaml derive the GPUs of a job with."""
-    if not OmegaConf.has_resolver("gpus_per_node"):
-        OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node)

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 from nanogpt.userfiles import read_bytes, read_json
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt.cli import config_dir, hydra_entrypoint, user_errors
-from nanogpt.config import NonFinite, TrainConfig, UserError, check_world_size
+from nanogpt.cli import hydra_entrypoint
+from nanogpt.config import NonFinite, TrainConfig, check_world_size, config_dir
 from nanogpt.distributed import DistEnv
+from nanogpt.errors import UserError, user_errors
 from nanogpt.signals import StopRequest, hand_over
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from nanogpt.config import UserError
+from nanogpt.errors import UserError
 
 
 def _name(path: Path, what: str | None) -> str:

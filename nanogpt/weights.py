@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from nanogpt import checkpoint
-from nanogpt.config import GPT2_NAMES, Activation, ModelConfig, UserError
+from nanogpt.config import Activation, GPT2_NAMES, ModelConfig
+from nanogpt.errors import UserError
 from nanogpt.userfiles import read_json
 
 log = logging.getLogger(__name__)

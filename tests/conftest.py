@@ -50,7 +50,7 @@ def compose(config_name: str = "train", overrides: list[str] | None = None, hydr
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from nanogpt.cli import config_dir, register_configs
+    from nanogpt.config import config_dir, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose, run_cli
-from nanogpt.config import ConfigError, TrainConfig
+from nanogpt.config import TrainConfig
+from nanogpt.errors import ConfigError
 from nanogpt.preflight import to_train_config
 
 GROUPS = ["model", "data", "optim", "hardware", "logger"]

@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose, run_cli
 from nanogpt import tokenizer as tok
 from nanogpt.batches import RandomWindows
-from nanogpt.config import ConfigError, DataConfig, DataFormat, UserError
+from nanogpt.config import DataConfig, DataFormat
 from nanogpt.data import ensure_prepared, is_prepared, load_meta, prepare, token_dtype
+from nanogpt.errors import ConfigError, UserError
 
 FILES = ("train.bin", "val.bin", "meta.json")
 

@@ -19,8 +19,9 @@ import pytest
 
 from conftest import REPO, TINY, assert_one_line_error, compose, run_cli
 from nanogpt import tokenizer as tok
-from nanogpt.config import ConfigError, DataConfig, UserError
+from nanogpt.config import DataConfig
 from nanogpt.data import ensure_prepared, load_meta, prepare, scan_bin
+from nanogpt.errors import ConfigError, UserError
 
 FILES = ("train.bin", "val.bin", "meta.json")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -310,8 +310,8 @@ def test_a_slurm_batch_script_or_a_single_task_is_one_process(launcher_env):
 
 
 def test_a_broken_launcher_variable_is_named(launcher_env):
-    from nanogpt.config import ConfigError
     from nanogpt.distributed import detect
+    from nanogpt.errors import ConfigError
 
     launcher_env(RANK="one", WORLD_SIZE=2)
     with pytest.raises(ConfigError, match="RANK='one' is not a whole number"):

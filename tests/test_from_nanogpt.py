@@ -18,7 +18,8 @@ import torch
 
 from conftest import SHARED, assert_one_line_error, compose, require_shakespeare, run_cli
 from nanogpt import from_nanogpt, weights
-from nanogpt.config import ModelConfig, UserError
+from nanogpt.config import ModelConfig
+from nanogpt.errors import UserError
 from nanogpt.model import GPT
 
 FIXTURES = SHARED / "fixtures" / "nanogpt"

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import compose
 from nanogpt import checkpoint, weights
-from nanogpt.config import Activation, ModelConfig, UserError
+from nanogpt.config import Activation, ModelConfig
+from nanogpt.errors import UserError
 from nanogpt.model import GPT, attend
 from nanogpt.preflight import to_train_config
 

@@ -207,7 +207,7 @@ def an_outcome(tmp_path: Path, num: int, returned=None, **kw):
 def test_every_way_a_job_ends_is_named_in_the_sweeps_summary(tmp_path):
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    from nanogpt.config import ConfigError, UserError
+    from nanogpt.errors import ConfigError, UserError
     from nanogpt.sweep import check_all_finished
 
     (tmp_path / "multirun.yaml").write_text(

@@ -176,7 +176,7 @@ def test_kv_cache_speedup_at_500_new_tokens():
     (["model.attn_scale=0"], "model.attn_scale=0.0 must be positive"),
 ])
 def test_a_switch_that_cannot_work_is_named(overrides, fragment):
-    from nanogpt.config import ConfigError
+    from nanogpt.errors import ConfigError
     from nanogpt.preflight import to_train_config
 
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
@@ -185,7 +185,7 @@ def test_a_switch_that_cannot_work_is_named(overrides, fragment):
 
 def test_weights_are_loaded_only_into_the_architecture_they_were_trained_with():
     from nanogpt import weights
-    from nanogpt.config import UserError
+    from nanogpt.errors import UserError
 
     trained = ModelConfig(**TINY_MODEL)
     for key, value, expected in [("position", "rotary", "model.position=learned"), ("norm", "rmsnorm", "model.norm=layernorm"),
@@ -250,7 +250,7 @@ def test_warmup_stable_decay_schedule():
 
 
 def test_muon_with_fsdp_is_refused():
-    from nanogpt.config import ConfigError
+    from nanogpt.errors import ConfigError
     from nanogpt.preflight import to_train_config
 
     with pytest.raises(ConfigError, match="optim=muon orthogonalises whole matrices"):
@@ -275,7 +275,7 @@ def test_an_ablation_of_three_switches_runs_through_the_sweep_and_its_report(tmp
 
 
 def test_muon_on_a_torch_without_it_is_named_before_the_run(monkeypatch):
-    from nanogpt.config import ConfigError
+    from nanogpt.errors import ConfigError
     from nanogpt.preflight import check_optimizer, to_train_config
 
     monkeypatch.delattr(torch.optim, "Muon")  # what PyTorch before 2.9 lacks

@@ -28,8 +28,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt import runlock, startup, sweep
-from nanogpt.cli import user_errors
-from nanogpt.config import ConfigError, UserError
+from nanogpt.errors import ConfigError, UserError, user_errors
 
 log = logging.getLogger(__name__)
 
