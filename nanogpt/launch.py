@@ -15,7 +15,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
+from nanogpt import distributed
 from nanogpt.config import TrainConfig
 from nanogpt.distributed import DistEnv
 from nanogpt.errors import UserError
@@ -23,11 +25,12 @@ from nanogpt.errors import UserError
 log = logging.getLogger("nanogpt")
 
 
-def train_as_rank(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_from: dict | None,
-                  env: DistEnv) -> dict:
-    """Join the run's process group, train as this rank, and leave the group, also on an error."""
-    from nanogpt import distributed, hardware
-    from nanogpt.train import train
+def train_as_rank(train: Callable[..., dict], config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
+                  resume_from, env: DistEnv) -> dict:
+    """Join the run's process group, train as this rank, and leave the group, also on an error.
+    `train(config, run_dir, data_meta, resolved, resume_from, env, device)` is the training loop
+    (nanogpt.train passes its own: this package never imports an entrypoint)."""
+    from nanogpt import hardware
 
     device = distributed.init_process_group(env, config.hardware.backend, hardware.resolve(config.hardware).device_type)
     try:
@@ -54,9 +57,10 @@ def _log_to_rank_file(run_dir: Path, rank: int) -> None:
     faulthandler.enable(file=file.stream, all_threads=True)
 
 
-def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: str | None) -> dict:
+def _worker(train: Callable[..., dict], config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
+            resume_from) -> dict:
     """One rank of a run that nanogpt-train started on this machine (hardware.nproc_per_node > 1)."""
-    from nanogpt import checkpoint, distributed, hardware
+    from nanogpt import hardware
 
     env = distributed.detect()
     _log_to_rank_file(run_dir, env.rank)
@@ -65,8 +69,7 @@ def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
             import torch
 
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
-        resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
-        result = train_as_rank(config, run_dir, data_meta, resolved, resume_from, env)
+        result = train_as_rank(train, config, run_dir, data_meta, resolved, resume_from, env)
     except BaseException as e:
         log.error(f"rank {env.rank} failed: {e.__class__.__name__}: {e}", exc_info=not isinstance(e, UserError))
         raise
@@ -75,20 +78,21 @@ def _worker(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
     return result
 
 
-def run_processes(config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict, resume_path: Path | None) -> dict:
-    """Start hardware.nproc_per_node workers on this machine and wait for them: rank 0's result.
-    A failed worker stops the others (the launcher's doing) and raises a one-line UserError."""
+def run_processes(train: Callable[..., dict], config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
+                  resume_from) -> dict:
+    """Start hardware.nproc_per_node workers on this machine, each running `train` as one rank
+    (train_as_rank), and wait for them: rank 0's result. `train` and `resume_from` go to every
+    worker by pickle: a module-level function, and what it resumes from (a checkpoint's path, not
+    its tensors). A failed worker stops the others (the launcher's doing) and raises a one-line
+    UserError."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from nanogpt import distributed
 
     nproc = config.hardware.nproc_per_node
     log.info(f"starting {nproc} processes on this machine (ranks 0-{nproc - 1}); rank logs: train.log, "
              f"train.rank1.log, ... in {run_dir}")
     try:
-        results = distributed.launch_local(nproc, _worker, config, run_dir, data_meta, resolved,
-                                           None if resume_path is None else str(resume_path))
+        results = distributed.launch_local(nproc, _worker, train, config, run_dir, data_meta, resolved, resume_from)
     except SignalException as e:  # the launcher passed the signal on; the workers saved and stopped
         return {"step": None, "stopped_by": signal.Signals(e.sigval)}
     except ChildFailedError as e:

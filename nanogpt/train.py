@@ -282,6 +282,16 @@ def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: 
         return _train(config, run_dir, data_meta, resolved_config, resume_from, env, device, stop)
 
 
+def train_reading_checkpoint(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict,
+                             resume_path: str | None, env: DistEnv, device: str) -> dict:
+    """train(), in a worker that nanogpt-train started (hardware.nproc_per_node > 1): the worker
+    reads the checkpoint it resumes from itself, so that its tensors need not cross processes."""
+    from nanogpt import checkpoint
+
+    resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
+    return train(config, run_dir, data_meta, resolved_config, resume_from, env, device)
+
+
 def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None,
            env: DistEnv, device: str | None, stop: StopRequest) -> dict:
     import torch
@@ -525,9 +535,10 @@ def _main(cfg: DictConfig) -> dict:
         try:
             if spawn:
                 del resume_from
-                result = launch.run_processes(config, run_dir, data_meta, resolved, resume_path)
+                result = launch.run_processes(train_reading_checkpoint, config, run_dir, data_meta, resolved,
+                                              None if resume_path is None else str(resume_path))
             elif env.is_distributed:  # one rank of torchrun or srun
-                result = launch.train_as_rank(config, run_dir, data_meta, resolved, resume_from, env)
+                result = launch.train_as_rank(train, config, run_dir, data_meta, resolved, resume_from, env)
             else:
                 result = train(config, run_dir, data_meta, resolved, resume_from)
         except BaseException as e:
