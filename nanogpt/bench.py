@@ -37,8 +37,8 @@ class RandomTokens:
 def run_benchmark(config: BenchConfig) -> dict:
     import torch
 
-    from nanogpt.batches import RandomWindows
-    from nanogpt.preflight import check_data_and_vocab
+    from nanogpt.data.batches import RandomWindows
+    from nanogpt.runs.preflight import check_data_and_vocab
     from nanogpt.train import build_training, optimizer_step
 
     b = config.bench
@@ -49,7 +49,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     else:
         # random tokens: the vocab training would use (the model's, else the prepared data's), else
         # GPT-2's padded one as nanoGPT's bench.py uses
-        from nanogpt.data import is_prepared, load_meta
+        from nanogpt.data.datasets import is_prepared, load_meta
 
         vocab = config.model.vocab_size or (load_meta(config.data.dir)["vocab_size"] if is_prepared(config.data.dir) else 50304)
         data_meta = {"vocab_size": vocab}
@@ -108,7 +108,7 @@ def run_benchmark(config: BenchConfig) -> dict:
 
 @hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
 def _main(cfg: DictConfig) -> dict:
-    from nanogpt.preflight import to_train_config
+    from nanogpt.runs.preflight import to_train_config
 
     with user_errors():
         return run_benchmark(to_train_config(cfg))

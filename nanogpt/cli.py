@@ -15,7 +15,7 @@ from typing import Callable
 
 from nanogpt.config import config_dir, register_configs
 from nanogpt.errors import ConfigError, UserError, exit_with_error
-from nanogpt.from_nanogpt import check_argv
+from nanogpt.runs.from_nanogpt import check_argv
 
 
 def show_planned_config(config_name: str, plan: Callable, argv: list[str]) -> bool:

@@ -13,7 +13,7 @@ Generation keeps each layer's keys and values (a KV cache), so each new token co
 compute instead of the whole context's.
 
 The config is a `nanogpt.config.ModelConfig` (or anything with the same fields); loading weights
-from GPT-2, nanoGPT or our checkpoints lives in `nanogpt/weights.py`, not here.
+from GPT-2, nanoGPT or our checkpoints lives in `nanogpt/runs/weights.py`, not here.
 """
 
 from __future__ import annotations

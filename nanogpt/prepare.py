@@ -22,7 +22,7 @@ from nanogpt.errors import user_errors
 def _prepare(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from nanogpt.data import is_prepared, prepare
+    from nanogpt.data.datasets import is_prepared, prepare
 
     with user_errors():
         config: PrepareConfig = to_object(cfg)

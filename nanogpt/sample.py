@@ -21,7 +21,7 @@ def read_prompt(cfg: SampleConfig) -> str:
         return cfg.prompt
     key, name = ("prompt_file", cfg.prompt_file) if cfg.prompt_file is not None else ("prompt", cfg.prompt[5:])
     spelled = f"{key}={cfg.prompt_file if key == 'prompt_file' else cfg.prompt}"
-    from nanogpt.userfiles import read_text
+    from nanogpt.data.userfiles import read_text
 
     return read_text(name, spelled, fix="give an existing file, or use prompt=TEXT")
 
@@ -39,7 +39,7 @@ def load_tokenizer(cfg: SampleConfig, pretrained):
     """The tokenizer of the weights: from the tokenizer option, or the one the weights came with
     (our checkpoints carry their dataset's meta; a nanoGPT ckpt.pt its dataset's meta.pkl, see
     weights.nanogpt_meta); GPT-2 BPE when nothing says otherwise (as nanoGPT's sample.py assumes)."""
-    from nanogpt import tokenizer as tok
+    from nanogpt.data import tokenizer as tok
 
     if cfg.tokenizer is not None:
         return tok.load(cfg.tokenizer)
@@ -52,8 +52,9 @@ def load_tokenizer(cfg: SampleConfig, pretrained):
 def sample(cfg: SampleConfig) -> list[str]:
     import torch
 
-    from nanogpt import hardware, weights
     from nanogpt.model import GPT
+    from nanogpt.parallel import hardware
+    from nanogpt.runs import weights
 
     check_options(cfg)
     prompt = read_prompt(cfg)

@@ -26,23 +26,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import hydra_entrypoint
 from nanogpt.config import NonFinite, TrainConfig, check_world_size, config_dir
-from nanogpt.distributed import DistEnv
 from nanogpt.errors import UserError, user_errors
-from nanogpt.signals import StopRequest, hand_over
+from nanogpt.parallel.distributed import DistEnv
+from nanogpt.runs.signals import StopRequest, hand_over
 
 if TYPE_CHECKING:
     import torch
 
-    from nanogpt.hardware import Hardware
     from nanogpt.model import GPT
+    from nanogpt.parallel.hardware import Hardware
 
 log = logging.getLogger("nanogpt")
 
 
 def build_model(config: TrainConfig, data_meta: dict):
     """The GPT of the model group, from scratch or from init_from's weights."""
-    from nanogpt import weights
     from nanogpt.model import GPT
+    from nanogpt.runs import weights
 
     if config.init_from == "scratch":
         vocab_size = config.model.vocab_size or data_meta["vocab_size"]
@@ -79,8 +79,8 @@ def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(
     wrapped in DDP, or sharded by FSDP2 (hardware.fsdp)."""
     import torch
 
-    from nanogpt import hardware, sharding
     from nanogpt.optim import build_optimizer
+    from nanogpt.parallel import hardware, sharding
 
     hw = hardware.resolve(config.hardware)
     if device is not None:
@@ -137,7 +137,7 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
     Under fp16 an overflowing gradient is the scaler's to handle: skipped, never a stop."""
     import torch
 
-    from nanogpt import sharding
+    from nanogpt.parallel import sharding
 
     model, optimizer, scaler, hw = t.model, t.optimizer, t.scaler, t.hw
     ddp = t.env.is_distributed
@@ -200,8 +200,8 @@ class Progress:
 
 def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optimizer_state: dict, train_batches,
                        rng_states: list, global_batch: int, data_meta: dict, resolved_config: dict) -> dict:
-    """What a checkpoint of a training run holds (see nanogpt/checkpoint.py)."""
-    from nanogpt import checkpoint
+    """What a checkpoint of a training run holds (see nanogpt/runs/checkpoint.py)."""
+    from nanogpt.runs import checkpoint
 
     return {
         "model": model_state,
@@ -242,10 +242,10 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
             f"{now['device_type']} in {now['dtype']}: continue it on the same hardware (set hardware.device and "
             f"hardware.dtype), or start a new run with init_from=<run dir>"
         )
-    from nanogpt.data import check_same_data
+    from nanogpt.data.datasets import check_same_data
 
     check_same_data(payload.get("data_meta") or {}, data_meta)
-    from nanogpt import sharding
+    from nanogpt.parallel import sharding
 
     sharding.load_state_dicts(t.raw_model, t.optimizer, payload["model"], payload["optimizer"], t.fsdp, t.env.is_main)
     t.scaler.load_state_dict(payload["scaler"])
@@ -286,7 +286,7 @@ def train_reading_checkpoint(config: TrainConfig, run_dir: Path, data_meta: dict
                              resume_path: str | None, env: DistEnv, device: str) -> dict:
     """train(), in a worker that nanogpt-train started (hardware.nproc_per_node > 1): the worker
     reads the checkpoint it resumes from itself, so that its tensors need not cross processes."""
-    from nanogpt import checkpoint
+    from nanogpt.runs import checkpoint
 
     resume_from = checkpoint.load_file(resume_path, mmap=False) if resume_path else None
     return train(config, run_dir, data_meta, resolved_config, resume_from, env, device)
@@ -296,12 +296,13 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
            env: DistEnv, device: str | None, stop: StopRequest) -> dict:
     import torch
 
-    from nanogpt import distributed, from_nanogpt, rng, sharding
-    from nanogpt.batches import RandomWindows
-    from nanogpt.checkpoint import CheckpointDir
-    from nanogpt.metrics import Metrics, NoMetrics
+    from nanogpt.data.batches import RandomWindows
     from nanogpt.optim import schedule_warnings, set_learning_rate
-    from nanogpt.startup import clock
+    from nanogpt.parallel import distributed, sharding
+    from nanogpt.runs import from_nanogpt, rng
+    from nanogpt.runs.checkpoint import CheckpointDir
+    from nanogpt.runs.metrics import Metrics, NoMetrics
+    from nanogpt.runs.startup import clock
 
     clock.mark("run dir" if clock.phases else "interpreter, config and run dir")
     # once, in the run's log, before anything is computed; not again when the run continues: it keeps
@@ -486,9 +487,9 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
     """The newest good checkpoint of the run dir when the run continues (resume is not never);
     refuses it if the config changed in a way a continued run may not. whole=False maps the file
     instead of reading it (for a caller that only looks at its config and step)."""
-    from nanogpt import from_nanogpt
-    from nanogpt.checkpoint import CheckpointDir
-    from nanogpt.resume import foreign_checkpoint, refuse_changes, refuse_overwrite
+    from nanogpt.runs import from_nanogpt
+    from nanogpt.runs.checkpoint import CheckpointDir
+    from nanogpt.runs.resume import foreign_checkpoint, refuse_changes, refuse_overwrite
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     for partial in checkpoints.remove_partial_writes():  # also of a save before the first checkpoint
@@ -507,11 +508,11 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
 def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from nanogpt import distributed, launch
-    from nanogpt.failures import as_user_error, interrupted, last_checkpoint_words
-    from nanogpt.preflight import check_data_and_vocab, to_train_config
-    from nanogpt.provenance import RunRecord
-    from nanogpt.runfiles import drop_failing_log_files
+    from nanogpt.parallel import distributed, launch
+    from nanogpt.runs.failures import as_user_error, interrupted, last_checkpoint_words
+    from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
+    from nanogpt.runs.provenance import RunRecord
+    from nanogpt.runs.runfiles import drop_failing_log_files
 
     drop_failing_log_files()  # a full disk: one warning, not a traceback per log line
     with user_errors():
@@ -566,7 +567,7 @@ def _main(cfg: DictConfig) -> dict:
 def _plan_without_lock(cfg: DictConfig) -> None:
     """What `--cfg job` shows goes through the run's own planning (resume, reproduce, a run dir
     that holds a run), without taking the run dir's lock: a preview writes nothing."""
-    from nanogpt.resume import plan_run
+    from nanogpt.runs.resume import plan_run
 
     plan_run(cfg, preview=True)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHAKESPEARE, require_shakespeare, run_cli
-from nanogpt.compare import BEGIN, END, Run, run_order, summarise
+from nanogpt.sweeps.compare import BEGIN, END, Run, run_order, summarise
 
 A, B = "shakespeare_char_cpu", "shakespeare_char_modern_cpu"
 README = f"# Results\n\nbefore\n\n{BEGIN}\nold table\n{END}\n\nafter\n"
@@ -55,7 +55,7 @@ def test_two_experiments_alternate_and_the_table_and_readme_agree_with_the_runs(
     require_shakespeare()
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    result = run_cli("nanogpt.compare", A, B, "--repeats", "2", "--out", "cmp", "--readme", str(readme),
+    result = run_cli("nanogpt.sweeps.compare", A, B, "--repeats", "2", "--out", "cmp", "--readme", str(readme),
                      *small(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "cmp"
@@ -100,7 +100,7 @@ def test_mistakes_are_named_in_one_line_before_any_run(tmp_path, args, message):
     (tmp_path / "plain.md").write_text("# no markers\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    result = run_cli("nanogpt.compare", *args, cwd=tmp_path, timeout=120)
+    result = run_cli("nanogpt.sweeps.compare", *args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

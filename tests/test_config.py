@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose, run_cli
 from nanogpt.config import TrainConfig
 from nanogpt.errors import ConfigError
-from nanogpt.preflight import to_train_config
+from nanogpt.runs.preflight import to_train_config
 
 GROUPS = ["model", "data", "optim", "hardware", "logger"]
 OPTIONS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in GROUPS}
@@ -159,11 +159,11 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
     which cannot run here, is faked through torch's probes."""
     import torch
 
-    from nanogpt import hardware
     from nanogpt.config import HardwareConfig
+    from nanogpt.parallel import hardware
 
     cpu_bf16 = HardwareConfig(device="cpu", dtype="bfloat16")
-    with caplog.at_level("WARNING", logger="nanogpt.hardware"):
+    with caplog.at_level("WARNING", logger="nanogpt.parallel.hardware"):
         assert hardware.resolve(cpu_bf16).dtype == torch.bfloat16
         assert hardware.resolve(HardwareConfig(device="cpu", dtype="float32")).dtype == torch.float32
         if hardware.x86_has_native_bf16():

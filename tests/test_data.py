@@ -19,10 +19,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose, run_cli
-from nanogpt import tokenizer as tok
-from nanogpt.batches import RandomWindows
 from nanogpt.config import DataConfig, DataFormat
-from nanogpt.data import ensure_prepared, is_prepared, load_meta, prepare, token_dtype
+from nanogpt.data import tokenizer as tok
+from nanogpt.data.batches import RandomWindows
+from nanogpt.data.datasets import ensure_prepared, is_prepared, load_meta, prepare, token_dtype
 from nanogpt.errors import ConfigError, UserError
 
 FILES = ("train.bin", "val.bin", "meta.json")
@@ -163,7 +163,7 @@ def test_concurrent_prepares_of_one_dir_tokenize_once(tmp_path, shakespeare_path
     from concurrent.futures import ThreadPoolExecutor
 
     cfg = data_config(tmp_path, shakespeare_path)
-    with caplog.at_level("INFO", logger="nanogpt.data"), ThreadPoolExecutor(4) as pool:
+    with caplog.at_level("INFO", logger="nanogpt.data.datasets"), ThreadPoolExecutor(4) as pool:
         metas = list(pool.map(lambda _: ensure_prepared(cfg), range(4)))
     assert all(m == metas[0] for m in metas) and metas[0]["train_tokens"] == 1_003_854
     assert sum(r.getMessage().startswith("prepared test in") for r in caplog.records) == 1
@@ -468,7 +468,7 @@ def test_unreachable_url_is_a_user_error_and_leaves_nothing(tmp_path):
 def test_interrupted_prepare_leaves_no_dataset(tmp_path, shakespeare_path, monkeypatch):
     """A prepare that fails keeps the old dataset whole until every new file is written; one that
     dies while it swaps them in leaves no dataset, never old meta beside new tokens."""
-    import nanogpt.data
+    import nanogpt.data.datasets
 
     cfg = data_config(tmp_path, shakespeare_path)
     out = tmp_path / "data"
@@ -479,7 +479,7 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, shakespeare_path, monke
         prepare(data_config(tmp_path, tmp_path / "typo.txt"), force=True)
     assert is_prepared(out) and ensure_prepared(cfg)["val_tokens"] == 111_540
 
-    real_encode = nanogpt.data.encode_large
+    real_encode = nanogpt.data.datasets.encode_large
     calls = []
 
     def interrupted_on_val(tokenizer, text, **kw):  # Ctrl-C after train.bin is written
@@ -488,7 +488,7 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, shakespeare_path, monke
             raise KeyboardInterrupt
         return real_encode(tokenizer, text, **kw)
 
-    monkeypatch.setattr(nanogpt.data, "encode_large", interrupted_on_val)
+    monkeypatch.setattr(nanogpt.data.datasets, "encode_large", interrupted_on_val)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, force=True)
     assert {f: (out / f).read_bytes() for f in FILES} == before  # no temp files, the old dataset untouched
@@ -501,7 +501,7 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, shakespeare_path, monke
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(nanogpt.data.os, "replace", interrupted_between_renames)
+    monkeypatch.setattr(nanogpt.data.datasets.os, "replace", interrupted_between_renames)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, force=True)
     monkeypatch.undo()

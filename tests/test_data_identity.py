@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, assert_one_line_error, compose, run_cli
-from nanogpt import tokenizer as tok
 from nanogpt.config import DataConfig
-from nanogpt.data import ensure_prepared, load_meta, prepare, scan_bin
+from nanogpt.data import tokenizer as tok
+from nanogpt.data.datasets import ensure_prepared, load_meta, prepare, scan_bin
 from nanogpt.errors import ConfigError, UserError
 
 FILES = ("train.bin", "val.bin", "meta.json")
@@ -124,13 +124,13 @@ def test_offline_a_dir_prepared_from_a_local_copy_serves_the_default_source(tmp_
 
 
 def test_a_url_source_is_checked_against_its_sha256(tmp_path, monkeypatch):
-    import nanogpt.data
+    import nanogpt.data.datasets
 
     def fake_download(url, dest, timeout=60.0):  # the internet, the one thing mocked
         assert url == "https://example.org/t.txt"  # the #fragment is not sent
         dest.write_text(text_of(200, 0))
 
-    monkeypatch.setattr(nanogpt.data, "download", fake_download)
+    monkeypatch.setattr(nanogpt.data.datasets, "download", fake_download)
     cfg = DataConfig(name="t", source="https://example.org/t.txt", dir=str(tmp_path / "d"))
     meta = prepare(cfg)
     assert meta["source_files"][0]["url"] == "https://example.org/t.txt"
@@ -193,7 +193,7 @@ def test_prepare_refuses_while_a_run_reads_the_dir(tmp_path, shakespeare_path):
     killed.write_text("pid 4194303 on this host")
     # what check_data_and_vocab does in every run (preflight), in a process that stays alive
     reader = subprocess.Popen(
-        [sys.executable, "-c", f"from nanogpt.data import hold_for_reading; hold_for_reading({str(data)!r}); "
+        [sys.executable, "-c", f"from nanogpt.data.datasets import hold_for_reading; hold_for_reading({str(data)!r}); "
                                f"print('reading', flush=True); import sys; sys.stdin.read()"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True)
@@ -212,8 +212,8 @@ def test_prepare_refuses_while_a_run_reads_the_dir(tmp_path, shakespeare_path):
 
 
 def test_every_run_holds_its_data_dir(tmp_path, shakespeare_path):
-    from nanogpt import data as data_module
-    from nanogpt.preflight import check_data_and_vocab, to_train_config
+    from nanogpt.data import datasets as data_module
+    from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
 
     config = to_train_config(compose("train", [f"data.source={shakespeare_path}", f"data.dir={tmp_path / 'd'}"]))
     check_data_and_vocab(config)
@@ -246,13 +246,13 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_the_run_dir(tmp_path
 
 
 def test_the_token_scan_runs_once_per_file_version(tmp_path, shakespeare_path, monkeypatch):
-    import nanogpt.data
+    import nanogpt.data.datasets
 
     write_nanogpt_dir(tmp_path / "n", vocab=10, top_id=9)
     cfg = DataConfig(name="n", source="unused", dir=str(tmp_path / "n"))
     assert ensure_prepared(cfg)["train_max_id"] == 9  # scanned, and remembered in meta.json
     scans = []
-    monkeypatch.setattr(nanogpt.data, "scan_bin", lambda *a: scans.append(a) or scan_bin(*a))
+    monkeypatch.setattr(nanogpt.data.datasets, "scan_bin", lambda *a: scans.append(a) or scan_bin(*a))
     ensure_prepared(cfg)
     assert scans == []
 
@@ -308,7 +308,7 @@ def test_every_user_file_reader_names_the_file_and_byte(tmp_path):
     with pytest.raises(UserError, match=r"could not read .*meta.pkl"):
         tok.load(str(tmp_path / "meta.pkl"))
     # a local HF GPT-2 dir's config.json
-    from nanogpt import weights
+    from nanogpt.runs import weights
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_bytes(b"{" + bad)
@@ -319,8 +319,8 @@ def test_every_user_file_reader_names_the_file_and_byte(tmp_path):
 def test_user_files_are_read_only_through_the_checked_reader():
     """The kind: no module reads a user-named file by itself. Reads of the files the project
     writes and reads back (run dirs, checkpoints) are another reader's."""
-    users = ["sample.py", "tokenizer.py", "data.py", "weights.py"]  # the modules that read files users name
+    users = ["sample.py", "data/tokenizer.py", "data/datasets.py", "runs/weights.py"]  # the modules that read files users name
     for name in users:
         source = (REPO / "nanogpt" / name).read_text()
         for call in (".read_text(", ".read_bytes(", "json.load(", "json.loads(", "open(path", "yaml.", "np.fromfile("):
-            assert call not in source, f"nanogpt/{name} reads a file with {call} instead of nanogpt.userfiles"
+            assert call not in source, f"nanogpt/{name} reads a file with {call} instead of nanogpt.data.userfiles"

@@ -196,7 +196,7 @@ def test_a_stopped_two_process_run_resumes_exactly(workspace, ddp_straight):
 
 FAIL_ON_RANK_1 = '''
 import os, signal
-from nanogpt.batches import RandomWindows
+from nanogpt.data.batches import RandomWindows
 
 next_batch = RandomWindows.next_batch
 calls = []
@@ -260,13 +260,13 @@ def launcher_env(monkeypatch):
 
 
 def test_a_plain_process_is_rank_0_of_1(launcher_env):
-    from nanogpt.distributed import DistEnv, detect
+    from nanogpt.parallel.distributed import DistEnv, detect
 
     assert detect() == DistEnv()
 
 
 def test_torchrun_variables(launcher_env):
-    from nanogpt.distributed import DistEnv, detect
+    from nanogpt.parallel.distributed import DistEnv, detect
 
     # what `torchrun --nnodes 2 --nproc_per_node 4` gives the second process of the second node
     launcher_env(RANK=5, WORLD_SIZE=8, LOCAL_RANK=1, LOCAL_WORLD_SIZE=4, MASTER_ADDR="node07", MASTER_PORT=29400,
@@ -276,7 +276,7 @@ def test_torchrun_variables(launcher_env):
 
 
 def test_slurm_one_node(launcher_env):
-    from nanogpt.distributed import detect
+    from nanogpt.parallel.distributed import detect
 
     launcher_env(SLURM_JOB_ID=4242, SLURM_STEP_ID=0, SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_LOCALID=1,
                  SLURM_JOB_NUM_NODES=1, SLURM_NODEID=0, SLURM_JOB_NODELIST="gpu-a17")
@@ -287,7 +287,7 @@ def test_slurm_one_node(launcher_env):
 
 
 def test_slurm_several_nodes(launcher_env):
-    from nanogpt.distributed import detect
+    from nanogpt.parallel.distributed import detect
 
     # task 6 of 8 on the second of two nodes: the master is the first node of the list
     launcher_env(SLURM_JOB_ID=91, SLURM_STEP_ID=0, SLURM_PROCID=6, SLURM_NTASKS=8, SLURM_LOCALID=2,
@@ -301,7 +301,7 @@ def test_slurm_several_nodes(launcher_env):
 
 
 def test_a_slurm_batch_script_or_a_single_task_is_one_process(launcher_env):
-    from nanogpt.distributed import DistEnv, detect
+    from nanogpt.parallel.distributed import DistEnv, detect
 
     launcher_env(SLURM_JOB_ID=7, SLURM_PROCID=0, SLURM_NTASKS=4, SLURM_JOB_NODELIST="n1")  # no step: the batch script
     assert detect() == DistEnv()
@@ -310,8 +310,8 @@ def test_a_slurm_batch_script_or_a_single_task_is_one_process(launcher_env):
 
 
 def test_a_broken_launcher_variable_is_named(launcher_env):
-    from nanogpt.distributed import detect
     from nanogpt.errors import ConfigError
+    from nanogpt.parallel.distributed import detect
 
     launcher_env(RANK="one", WORLD_SIZE=2)
     with pytest.raises(ConfigError, match="RANK='one' is not a whole number"):

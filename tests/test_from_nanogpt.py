@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import SHARED, assert_one_line_error, compose, require_shakespeare, run_cli
-from nanogpt import from_nanogpt, weights
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
+from nanogpt.runs import from_nanogpt, weights
 
 FIXTURES = SHARED / "fixtures" / "nanogpt"
 ITER20, ITER30 = FIXTURES / "char_2x64_iter20.pt", FIXTURES / "char_2x64_iter30.pt"
@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
     (cwd / "data" / "shakespeare_char").mkdir(parents=True)
     shutil.copy(FIXTURES / "meta.pkl", cwd / "data" / "shakespeare_char" / "meta.pkl")
     data = [f"data.source={shakespeare}", f"data.dir={cwd / 'data' / 'shakespeare_char'}"]
-    from nanogpt.data import ensure_prepared
+    from nanogpt.data.datasets import ensure_prepared
 
     ensure_prepared(compose("train", data).data)
     return cwd, data
@@ -55,7 +55,7 @@ def printed_losses(text: str) -> dict[int, str]:
 def test_shakespeare_char_is_prepared_with_nanogpts_ids(workspace):
     """nanoGPT's prepare.py: the sorted set of characters, the first 90% for training."""
     cwd, _ = workspace
-    from nanogpt.tokenizer import meta_from_nanogpt_pickle
+    from nanogpt.data.tokenizer import meta_from_nanogpt_pickle
 
     ours = json.loads((cwd / "data" / "shakespeare_char" / "meta.json").read_text())
     theirs = meta_from_nanogpt_pickle(FIXTURES / "meta.pkl")
@@ -120,7 +120,7 @@ def test_resume_of_a_nanogpt_run_keeps_its_config(workspace):
     cwd, data = workspace
     changed = run_cli("nanogpt.train", f"resume={ITER20}", "model.n_layer=4", *data, "hydra.run.dir=changed", cwd=cwd)
     assert_one_line_error(changed, "model.n_layer=4 would change", "which has model.n_layer=2")
-    from nanogpt import checkpoint
+    from nanogpt.runs import checkpoint
 
     checkpoint.save({"model": {}, "step": 1}, cwd / "ours" / "checkpoints" / "last.pt")
     ours = run_cli("nanogpt.train", "resume=ours/checkpoints/last.pt", *data, cwd=cwd)

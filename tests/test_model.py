@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose
-from nanogpt import checkpoint, weights
 from nanogpt.config import Activation, ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, attend
-from nanogpt.preflight import to_train_config
+from nanogpt.runs import checkpoint, weights
+from nanogpt.runs.preflight import to_train_config
 
 
 def gpt2_config(name: str) -> ModelConfig:

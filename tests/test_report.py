@@ -34,7 +34,7 @@ def test_a_basic_launcher_sweep_writes_one_run_dir_per_job(sweep):
 
 def test_the_report_has_a_row_per_job_sorted_by_val_loss_and_a_plot(sweep):
     cwd, sweep_dir = sweep
-    result = run_cli("nanogpt.report", str(sweep_dir), cwd=cwd)
+    result = run_cli("nanogpt.sweeps.report", str(sweep_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "overrides" not in line]
     assert len(table) == 4 and all("| done |" in row for row in table)
@@ -62,7 +62,7 @@ def test_a_half_finished_sweep_is_reported_with_the_jobs_not_done_last(sweep, tm
     (partial / "1" / "metrics.jsonl").write_text("")  # started, nothing logged yet
     (partial / "4" / ".hydra").mkdir(parents=True)  # queued: only its snapshot exists
     (partial / "4" / ".hydra" / "overrides.yaml").write_text("- optim.lr=0.01\n- seed=1\n")
-    result = run_cli("nanogpt.report", str(partial), "--sort", "final_val_loss", cwd=tmp_path)
+    result = run_cli("nanogpt.sweeps.report", str(partial), "--sort", "final_val_loss", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "overrides" not in line]
     assert len(rows) == 5
@@ -75,7 +75,7 @@ def test_a_half_finished_sweep_is_reported_with_the_jobs_not_done_last(sweep, tm
 
 
 def test_a_one_parameter_sweep_plots_the_loss_against_it():
-    from nanogpt.report import _swept_parameter
+    from nanogpt.sweeps.report import _swept_parameter
 
     rows = [{"override_values": {"optim.lr": lr, "seed": "1"}} for lr in ("1e-3", "3e-3", "1e-2")]
     assert _swept_parameter(rows) == "optim.lr"
@@ -84,5 +84,5 @@ def test_a_one_parameter_sweep_plots_the_loss_against_it():
 
 
 def test_a_dir_without_runs_is_named(tmp_path):
-    result = run_cli("nanogpt.report", str(tmp_path), cwd=tmp_path)
+    result = run_cli("nanogpt.sweeps.report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "holds no run dirs" in result.stderr

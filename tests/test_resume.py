@@ -131,7 +131,7 @@ def test_killed_after_a_checkpoint_and_rerun_resumes_by_itself(workspace):
 
 KILL_MID_SAVE = """
 import os, signal, sys
-import nanogpt.checkpoint as checkpoint
+import nanogpt.runs.checkpoint as checkpoint
 from nanogpt.train import main
 
 saves = []
@@ -151,7 +151,7 @@ main()
 
 
 def test_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_from_it(workspace):
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     cwd, data_dir, straight = workspace
     args = [*train_args(data_dir), "hydra.run.dir=midsave"]
@@ -271,7 +271,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: could not write the checkpoint of step 20") and "No space left on device" in error
     assert "the previous checkpoint is intact" in error and f"resume={disk}" in error
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     checkpoints = CheckpointDir(copy / "checkpoints")
     assert checkpoints.verify(checkpoints.path / "last.pt") is None
@@ -288,8 +288,8 @@ def test_every_name_stays_checkable_when_a_save_dies_between_its_steps(tmp_path,
     """A save that dies after last.pt was renamed but before its names were recorded (here: in
     the link of best.pt) leaves a dir whose every file still verifies, also after later saves
     have pruned checksums.json."""
-    from nanogpt import checkpoint
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs import checkpoint
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     ckpts = CheckpointDir(tmp_path, keep_last=2)
     ckpts.save(tiny_payload(10), 10, best=True)
@@ -314,7 +314,7 @@ def test_every_name_stays_checkable_when_a_save_dies_between_its_steps(tmp_path,
 
 
 def test_a_run_that_fell_back_replaces_the_step_files_of_its_abandoned_steps(tmp_path):
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     ckpts = CheckpointDir(tmp_path, keep_last=3)
     for step in (10, 20, 30):

@@ -19,7 +19,7 @@ LOSSES = ("step", "kind", "loss", "lr", "grad_norm", "train_loss", "val_loss")
 
 def streams() -> list:
     """Every stream rng.capture saves for an exact resume, as plain values that compare with ==."""
-    from nanogpt import rng
+    from nanogpt.runs import rng
 
     state = rng.capture("cpu")
     numpy = state["numpy"]
@@ -31,7 +31,7 @@ def train_in_process(workspace: Path, name: str, *overrides: str) -> list[dict]:
     """train() on a tiny model with dropout; returns its logged losses (no timings)."""
     from omegaconf import OmegaConf
 
-    from nanogpt.preflight import check_data_and_vocab, to_train_config
+    from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
     from nanogpt.train import train
 
     cfg = compose("train", [f"data.source={require_shakespeare()}", f"data.dir={workspace / 'data'}",
@@ -67,7 +67,7 @@ def test_measuring_logging_and_saving_leave_training_alone(reference, variant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_peak_flops_probe_draws_from_no_stream_of_training(dtype):
-    from nanogpt.hardware import measure_peak_flops
+    from nanogpt.parallel.hardware import measure_peak_flops
 
     torch.manual_seed(3)
     before = streams()
@@ -77,7 +77,7 @@ def test_the_peak_flops_probe_draws_from_no_stream_of_training(dtype):
 
 def test_wandb_draws_from_no_stream_of_training(tmp_path):
     from nanogpt.config import LoggerConfig, LoggerName
-    from nanogpt.metrics import Metrics
+    from nanogpt.runs.metrics import Metrics
 
     torch.manual_seed(3)
     before = streams()

@@ -84,7 +84,7 @@ def test_an_unreadable_checksums_record_is_named_and_a_corrupt_checkpoint_still_
     assert "last.pt is unusable: the CRC-32 of" in out and "does not match (corrupt?)" in out
     assert "resuming from step-00000010.pt (step 10) instead" in out
     # the record was rebuilt: every file is checkable by its SHA-256 again, the corrupt one is gone
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     record = json.loads((ckpts / "checksums.json").read_text())
     assert {e["step"] for e in record["checksums"].values()} == {10, 20}
@@ -162,7 +162,7 @@ def test_another_runs_checkpoint_among_the_step_files_is_skipped(runs):
 
 KILL_IN_FIRST_SAVE = """
 import os, signal, sys
-import nanogpt.checkpoint as checkpoint
+import nanogpt.runs.checkpoint as checkpoint
 from nanogpt.train import main
 
 def die(self, data):  # the first save of the run dies by SIGKILL halfway through its file
@@ -192,7 +192,7 @@ def test_a_save_killed_before_any_checkpoint_leaves_no_temp_file_for_good(runs):
 
 
 def test_only_temp_files_of_a_writer_that_is_gone_are_removed(tmp_path):
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -255,7 +255,7 @@ def test_report_names_a_metrics_line_that_is_not_a_record(runs, tmp_path, line, 
     metrics = sweep / "0" / "metrics.jsonl"
     records = metrics.read_text().splitlines()
     metrics.write_text("\n".join([records[0], line, *records[1:]]) + "\n")
-    result = run_cli("nanogpt.report", str(sweep), cwd=tmp_path)
+    result = run_cli("nanogpt.sweeps.report", str(sweep), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     line = last_line(result.stderr)
     assert line.startswith(f"error: {metrics} {what}")
@@ -263,7 +263,7 @@ def test_report_names_a_metrics_line_that_is_not_a_record(runs, tmp_path, line, 
 
 
 def test_a_line_cut_short_at_the_end_is_left_out_and_any_other_is_named(tmp_path):
-    from nanogpt.runfiles import RunFileError, read_json, read_jsonl
+    from nanogpt.runs.runfiles import RunFileError, read_json, read_jsonl
 
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"st')
@@ -306,7 +306,7 @@ def test_a_disk_that_fills_up_mid_run_ends_in_one_line_with_status_failed(runs, 
 
 SECOND_CTRL_C_DURING_THE_STOP_SAVE = """
 import os, signal, sys
-import nanogpt.checkpoint as checkpoint
+import nanogpt.runs.checkpoint as checkpoint
 import nanogpt.optim as optim
 from nanogpt.train import main
 
@@ -368,7 +368,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_the_run_dir_exists(r
 
 def test_running_out_of_memory_mid_run_is_one_line():
     from nanogpt.config import TrainConfig
-    from nanogpt.failures import as_user_error
+    from nanogpt.runs.failures import as_user_error
 
     failure = RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 838860800000 bytes. Error code 12 (Cannot allocate memory)")
@@ -380,7 +380,7 @@ def test_a_log_file_the_disk_refuses_is_dropped_with_one_warning(tmp_path, capsy
     import errno
     import logging
 
-    from nanogpt.runfiles import drop_failing_log_files
+    from nanogpt.runs.runfiles import drop_failing_log_files
 
     class FullDisk:
         def write(self, text):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, compose, run_cli
 from nanogpt.optim import schedule_warnings
-from nanogpt.preflight import to_train_config
+from nanogpt.runs.preflight import to_train_config
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 # a tiny model with the default optimizer (warmup_iters=100): what the warnings are about

@@ -66,7 +66,7 @@ def test_a_sweep_runs_as_a_slurm_array_and_the_report_agrees(slurm_cluster, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = sweep_dir_of(tmp_path)
     assert len({p.name.split("_")[0] for p in task_folders(sweep_dir)}) == 1  # one array
-    report = run_cli("nanogpt.report", str(sweep_dir), cwd=tmp_path)
+    report = run_cli("nanogpt.sweeps.report", str(sweep_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     rows = report_rows(report.stdout)
     assert len(rows) == 4

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from conftest import compose
-from nanogpt.data import ensure_prepared
+from nanogpt.data.datasets import ensure_prepared
 from nanogpt.model import GPT
-from nanogpt.preflight import to_train_config
+from nanogpt.runs.preflight import to_train_config
 from nanogpt.train import train
 
 STEPS = 40

@@ -77,7 +77,7 @@ def test_a_submitit_local_sweep_matches_the_basic_launchers_and_the_report_agree
         assert (local / job / "DONE").is_file()
         assert val_losses(local / job) == val_losses(dirs["local"] / job)
 
-    report = run_cli("nanogpt.report", str(local), cwd=tmp_path)
+    report = run_cli("nanogpt.sweeps.report", str(local), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     rows = report_rows(report.stdout)
     assert len(rows) == 4
@@ -189,7 +189,7 @@ def an_outcome(tmp_path: Path, num: int, returned=None, **kw):
     none (the job ended without one), as the launchers collect them."""
     from hydra.core.utils import JobReturn, JobStatus
 
-    from nanogpt.sweep import Outcome, SweepJob
+    from nanogpt.sweeps.launcher import Outcome, SweepJob
 
     run_dir = tmp_path / str(num)
     run_dir.mkdir()
@@ -208,7 +208,7 @@ def test_every_way_a_job_ends_is_named_in_the_sweeps_summary(tmp_path):
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     from nanogpt.errors import ConfigError, UserError
-    from nanogpt.sweep import check_all_finished
+    from nanogpt.sweeps.launcher import check_all_finished
 
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  overrides:\n    hydra: []\n    task: [launcher=slurm, 'seed=range(13)']\n")
@@ -380,7 +380,7 @@ def preset_jobs(preset: str, extra: list[str]) -> list[list[str]]:
     ("model_ladder", ["experiment=gpt2_124m"], [f"model={m}" for m in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")]),
 ])
 def test_each_sweep_preset_makes_valid_jobs(preset, extra, expected):
-    from nanogpt.preflight import to_train_config
+    from nanogpt.runs.preflight import to_train_config
 
     jobs = preset_jobs(preset, extra)
     assert [" ".join(job) for job in jobs] == expected

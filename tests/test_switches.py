@@ -67,8 +67,8 @@ def train_in_process(run_dir, data_dir, overrides: list[str], resume: bool = Fal
     """nanogpt.train.train() in this process, as nanogpt-train would call it; resume: from run_dir's
     newest checkpoint, as resume=auto does."""
     from conftest import SHAKESPEARE
-    from nanogpt.checkpoint import CheckpointDir
-    from nanogpt.preflight import check_data_and_vocab, to_train_config
+    from nanogpt.runs.checkpoint import CheckpointDir
+    from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
     from nanogpt.train import train
 
     cfg = compose("train", [f"data.source={SHAKESPEARE}", f"data.dir={data_dir}", "hardware=cpu", "model.n_layer=2",
@@ -177,15 +177,15 @@ def test_kv_cache_speedup_at_500_new_tokens():
 ])
 def test_a_switch_that_cannot_work_is_named(overrides, fragment):
     from nanogpt.errors import ConfigError
-    from nanogpt.preflight import to_train_config
+    from nanogpt.runs.preflight import to_train_config
 
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         to_train_config(compose("train", overrides))
 
 
 def test_weights_are_loaded_only_into_the_architecture_they_were_trained_with():
-    from nanogpt import weights
     from nanogpt.errors import UserError
+    from nanogpt.runs import weights
 
     trained = ModelConfig(**TINY_MODEL)
     for key, value, expected in [("position", "rotary", "model.position=learned"), ("norm", "rmsnorm", "model.norm=layernorm"),
@@ -251,7 +251,7 @@ def test_warmup_stable_decay_schedule():
 
 def test_muon_with_fsdp_is_refused():
     from nanogpt.errors import ConfigError
-    from nanogpt.preflight import to_train_config
+    from nanogpt.runs.preflight import to_train_config
 
     with pytest.raises(ConfigError, match="optim=muon orthogonalises whole matrices"):
         to_train_config(compose("train", ["optim=muon", "hardware=fsdp"]))
@@ -266,7 +266,7 @@ def test_an_ablation_of_three_switches_runs_through_the_sweep_and_its_report(tmp
                      f"data.source={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = list((tmp_path / "multirun").glob("*/*"))
-    report = run_cli("nanogpt.report", str(sweep_dir), cwd=tmp_path)
+    report = run_cli("nanogpt.sweeps.report", str(sweep_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     rows = report_rows(report.stdout)
     assert len(rows) == 8 and all(cells[2] == "done" for cells in rows)
@@ -276,7 +276,7 @@ def test_an_ablation_of_three_switches_runs_through_the_sweep_and_its_report(tmp
 
 def test_muon_on_a_torch_without_it_is_named_before_the_run(monkeypatch):
     from nanogpt.errors import ConfigError
-    from nanogpt.preflight import check_optimizer, to_train_config
+    from nanogpt.runs.preflight import check_optimizer, to_train_config
 
     monkeypatch.delattr(torch.optim, "Muon")  # what PyTorch before 2.9 lacks
     with pytest.raises(ConfigError, match=r"optim=muon needs PyTorch >= 2\.9"):

@@ -328,7 +328,7 @@ def tiny_training(tmp_path, shakespeare_path, monkeypatch):
     from conftest import compose
 
     from nanogpt import train as train_module
-    from nanogpt.preflight import check_data_and_vocab, to_train_config
+    from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
 
     poisoned = {}
     build_training = train_module.build_training
@@ -412,6 +412,6 @@ def test_nan_weights_are_never_saved(tiny_training):
     with pytest.raises(NonFiniteStep, match="the weights are not finite at step 4; nothing was saved"):
         run("on_nonfinite=skip")
     assert saved_step(run_dir) == 2
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     assert CheckpointDir(run_dir / "checkpoints").verify(run_dir / "checkpoints" / "last.pt") is None

@@ -1,6 +1,6 @@
 """nanogpt's Hydra launchers: Hydra's basic launcher and hydra-submitit-launcher's local and SLURM
 launchers, with each job's config composed and checked at launch, finished jobs skipped, and one
-snapshot per multi-task job (what and why: nanogpt/sweep.py). They live here because Hydra loads
+snapshot per multi-task job (what and why: nanogpt/sweeps/launcher.py). They live here because Hydra loads
 launcher classes only from the hydra_plugins package; conf/launcher/*.yaml select them.
 """
 
@@ -27,8 +27,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt import runlock, startup, sweep
 from nanogpt.errors import ConfigError, UserError, user_errors
+from nanogpt.runs import runlock, startup
+from nanogpt.sweeps import launcher
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,13 @@ class BasicLauncher(_HydraBasicLauncher):
         from hydra.core.utils import configure_log
 
         setup_globals()
-        jobs = sweep.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
-        sweep.check_jobs(jobs, on_this_machine=True)
-        sweep_dir = sweep.make_sweep_dir(self.config)
+        jobs = launcher.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
+        launcher.check_jobs(jobs, on_this_machine=True)
+        sweep_dir = launcher.make_sweep_dir(self.config)
         log.info(f"Launching {sum(not j.finished for j in jobs)} of {len(jobs)} jobs locally")
         outcomes = []
         for job in jobs:
-            sweep.log_job(job)
+            launcher.log_job(job)
             if job.finished:
                 continue
             with open_dict(job.config):
@@ -88,10 +89,10 @@ class BasicLauncher(_HydraBasicLauncher):
                 finally:
                     lock.release()
 
-            outcomes.append(sweep.Outcome(job, sweep.run_one(job, run_locked)))
+            outcomes.append(launcher.Outcome(job, launcher.run_one(job, run_locked)))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        sweep.check_all_finished(sweep_dir, outcomes)
-        return sweep.in_job_order(jobs, [o.returned for o in outcomes])
+        launcher.check_all_finished(sweep_dir, outcomes)
+        return launcher.in_job_order(jobs, [o.returned for o in outcomes])
 
 
 class _Submitit(BaseSubmititLauncher):
@@ -116,16 +117,16 @@ class _Submitit(BaseSubmititLauncher):
     on_this_machine = True  # the jobs run here: their device is checked at launch
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        jobs = sweep.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
+        jobs = launcher.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
         self._check_resources(jobs)
-        sweep.check_jobs(jobs, on_this_machine=self.on_this_machine)
+        launcher.check_jobs(jobs, on_this_machine=self.on_this_machine)
         todo = [job for job in jobs if not job.finished]
-        with sweep.sweep_dir_made(self.config) as sweep_dir:
+        with launcher.sweep_dir_made(self.config) as sweep_dir:
             log.info(f"Submitit '{self._EXECUTOR}' sweep output dir: {sweep_dir} ({len(todo)} of {len(jobs)} jobs to run)")
             for job in jobs:
-                sweep.log_job(job)
+                launcher.log_job(job)
             if not todo:
-                return sweep.in_job_order(jobs, [])
+                return launcher.in_job_order(jobs, [])
             state = Singleton.get_state()
             params = [(job.overrides, "hydra.sweep.dir", job.num, f"job_id_for_{job.num}", state, job.config) for job in todo]
             submitted = self.submit(params)
@@ -133,10 +134,10 @@ class _Submitit(BaseSubmititLauncher):
         for job, submission in zip(todo, submitted):  # all of them, even after one failed: the jobs are independent
             error = submission.exception()  # waits for it; an error outside the job's run (None: it returned)
             returned = submission.results()[0] if error is None else None
-            outcomes.append(sweep.Outcome(job, returned, state=submission.state if returned is None else "",
+            outcomes.append(launcher.Outcome(job, returned, state=submission.state if returned is None else "",
                                           scheduler_log=submission.paths.stderr, error=error))
-        sweep.check_all_finished(sweep_dir, outcomes, limits=self._limits())
-        return sweep.in_job_order(jobs, [o.returned for o in outcomes])
+        launcher.check_all_finished(sweep_dir, outcomes, limits=self._limits())
+        return launcher.in_job_order(jobs, [o.returned for o in outcomes])
 
     def submit(self, params: list) -> list:
         return self.executor().map_array(self, *zip(*params))
@@ -144,10 +145,10 @@ class _Submitit(BaseSubmititLauncher):
     def _limits(self) -> str:
         return ", ".join(f"{key}={self.params[key]}" for key in ("timeout_min", "max_num_timeout") if key in self.params)
 
-    def _check_resources(self, jobs: List[sweep.SweepJob]) -> None:
+    def _check_resources(self, jobs: List[launcher.SweepJob]) -> None:
         for job in jobs:
             wanted = OmegaConf.to_container(job.config.hydra.launcher, resolve=True)
-            for key in sweep.RESOURCES:
+            for key in launcher.RESOURCES:
                 if key in wanted and key in self.params and wanted[key] != self.params[key]:
                     raise ConfigError(
                         f"job {job.num} ({' '.join(filter_overrides(job.overrides))}) needs {key}={wanted[key]}, and the "
@@ -161,8 +162,8 @@ class _Submitit(BaseSubmititLauncher):
         submitit resubmits it with the same arguments)."""
         import submitit
 
-        from nanogpt.distributed import detect
-        from nanogpt.preflight import quiet_secondary_rank
+        from nanogpt.parallel.distributed import detect
+        from nanogpt.runs.preflight import quiet_secondary_rank
 
         Singleton.set_state(singleton_state)
         setup_globals()
@@ -172,7 +173,7 @@ class _Submitit(BaseSubmititLauncher):
             config.hydra.job.num = job_num
         rank = detect().rank
         quiet_secondary_rank(config, rank)
-        job = sweep.SweepJob(job_num, sweep_overrides, config, sweep.job_dir(config), finished=False)
+        job = launcher.SweepJob(job_num, sweep_overrides, config, launcher.job_dir(config), finished=False)
 
         def run_locked() -> JobReturn:
             if rank == 0:  # the job's dir has one live owner (held until this process exits), as a single run's
@@ -181,7 +182,7 @@ class _Submitit(BaseSubmititLauncher):
             return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                            job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
-        return sweep.run_one(job, run_locked)
+        return launcher.run_one(job, run_locked)
 
 
 class SubmititLocalLauncher(_Submitit, _SubmititLocal):

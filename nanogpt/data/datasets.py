@@ -1,7 +1,7 @@
 """Turn a DataConfig into train.bin, val.bin and meta.json in `data.dir`, as nanoGPT's prepare.py scripts do.
 
 train.bin and val.bin are flat arrays of token ids (uint16, or uint32 for vocabularies over 65,536
-tokens) that training memory-maps (nanogpt/batches.py). meta.json says how to read and decode them,
+tokens) that training memory-maps (nanogpt/data/batches.py). meta.json says how to read and decode them,
 and what they were made from:
 
     format_version  1
@@ -56,7 +56,7 @@ import numpy as np
 
 from nanogpt.config import DataConfig, DataFormat
 from nanogpt.errors import ConfigError, UserError
-from nanogpt.tokenizer import (
+from nanogpt.data.tokenizer import (
     META_FORMAT_VERSION,
     CharTokenizer,
     TiktokenTokenizer,
@@ -65,7 +65,7 @@ from nanogpt.tokenizer import (
     encode_large,
     write_json_atomic,
 )
-from nanogpt.userfiles import decode_utf8, read_bytes, read_chunks, read_json, read_text, sha256
+from nanogpt.data.userfiles import decode_utf8, read_bytes, read_chunks, read_json, read_text, sha256
 
 log = logging.getLogger(__name__)
 

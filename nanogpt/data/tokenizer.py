@@ -1,6 +1,6 @@
 """Tokenizers: characters of the data (nanoGPT's shakespeare_char) or a tiktoken BPE (GPT-2's).
 
-A dataset's tokenizer is described by its meta.json (see nanogpt/data.py), never by a pickle.
+A dataset's tokenizer is described by its meta.json (see nanogpt/data/datasets.py), never by a pickle.
 nanoGPT's own char datasets ship a pickled `meta.pkl`; `meta_from_nanogpt_pickle` reads one with
 an unpickler that can build plain containers only, so a hostile file cannot run code.
 """
@@ -19,8 +19,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from nanogpt.data.userfiles import read_bytes, read_json
 from nanogpt.errors import UserError
-from nanogpt.userfiles import read_bytes, read_json
 
 log = logging.getLogger(__name__)
 

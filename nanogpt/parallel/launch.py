@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from nanogpt import distributed
 from nanogpt.config import TrainConfig
-from nanogpt.distributed import DistEnv
 from nanogpt.errors import UserError
+from nanogpt.parallel import distributed
+from nanogpt.parallel.distributed import DistEnv
 
 log = logging.getLogger("nanogpt")
 
@@ -30,7 +30,7 @@ def train_as_rank(train: Callable[..., dict], config: TrainConfig, run_dir: Path
     """Join the run's process group, train as this rank, and leave the group, also on an error.
     `train(config, run_dir, data_meta, resolved, resume_from, env, device)` is the training loop
     (nanogpt.train passes its own: this package never imports an entrypoint)."""
-    from nanogpt import hardware
+    from nanogpt.parallel import hardware
 
     device = distributed.init_process_group(env, config.hardware.backend, hardware.resolve(config.hardware).device_type)
     try:
@@ -60,7 +60,7 @@ def _log_to_rank_file(run_dir: Path, rank: int) -> None:
 def _worker(train: Callable[..., dict], config: TrainConfig, run_dir: Path, data_meta: dict, resolved: dict,
             resume_from) -> dict:
     """One rank of a run that nanogpt-train started on this machine (hardware.nproc_per_node > 1)."""
-    from nanogpt import hardware
+    from nanogpt.parallel import hardware
 
     env = distributed.detect()
     _log_to_rank_file(run_dir, env.rank)

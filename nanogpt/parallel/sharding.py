@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nanogpt.distributed import DistEnv
+from nanogpt.parallel.distributed import DistEnv
 
 _FULL = None  # StateDictOptions, imported when first needed (torch.distributed.checkpoint is slow to import)
 

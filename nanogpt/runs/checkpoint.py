@@ -47,7 +47,7 @@ import torch
 
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
-from nanogpt.runfiles import RunFileError, read_json
+from nanogpt.runs.runfiles import RunFileError, read_json
 
 FORMAT = "nanogpt-checkpoint"
 VERSION = 1

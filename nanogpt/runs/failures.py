@@ -36,8 +36,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 def as_user_error(exc: BaseException, run_dir: Path, config: TrainConfig) -> UserError | None:
     """The one line for an error that ended a run but is no bug of ours: the machine ran out of
     memory, or the disk refused a write (full, quota, read-only). None for anything else."""
-    from nanogpt import memory
-    from nanogpt.runfiles import DISK_ERRNOS, write_error
+    from nanogpt.parallel import memory
+    from nanogpt.runs.runfiles import DISK_ERRNOS, write_error
 
     if isinstance(exc, UserError):
         return exc
@@ -50,7 +50,7 @@ def as_user_error(exc: BaseException, run_dir: Path, config: TrainConfig) -> Use
 
 
 def last_checkpoint_words(run_dir: Path) -> str:
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     step = CheckpointDir(run_dir / "checkpoints").last_step()
     return "no checkpoint was saved" if step is None else f"the last checkpoint is step {step}"

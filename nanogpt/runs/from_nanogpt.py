@@ -179,7 +179,7 @@ def is_checkpoint(payload: Any) -> bool:
 def checkpoint_file(value: str) -> Path | None:
     """The nanoGPT ckpt.pt that resume=value names (the file, or the out_dir that holds it); None
     when value is a run dir of ours. A file that is no nanoGPT training checkpoint is refused."""
-    from nanogpt import checkpoint
+    from nanogpt.runs import checkpoint
 
     path = Path(value).expanduser()
     if path.is_dir() and (path / "ckpt.pt").is_file() and not (path / "config.resolved.yaml").exists():
@@ -203,7 +203,7 @@ def run_config(path: Path, composed):
     import yaml
     from omegaconf import OmegaConf, open_dict
 
-    from nanogpt import checkpoint, weights
+    from nanogpt.runs import checkpoint, weights
 
     payload = checkpoint.load_file(path)
     theirs = payload.get("config") if isinstance(payload.get("config"), dict) else {}
@@ -242,7 +242,7 @@ def checkpoint_to_resume(config) -> tuple[dict | None, Path | None]:
     checkpoint of its own yet (a continued nanoGPT run's later starts resume from their own)."""
     import logging
 
-    from nanogpt import checkpoint
+    from nanogpt.runs import checkpoint
 
     if config.resume in ("auto", "never") or (path := checkpoint_file(config.resume)) is None:
         return None, None
@@ -257,7 +257,8 @@ def restore(t, payload: dict, data_meta: dict, config) -> tuple[int, float]:
     --init_from=resume does. The batch stream and the RNG are not restored: nanoGPT seeds again at
     every start, and the model built from that seed has already drawn its init, as nanoGPT's has, so
     the batches from here on are nanoGPT's own. Returns (iter_num, best_val_loss)."""
-    from nanogpt import sharding, weights
+    from nanogpt.parallel import sharding
+    from nanogpt.runs import weights
 
     source = f"{config.resume} (nanoGPT checkpoint)"
     state_dict = weights.normalize_state_dict(payload["model"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nanogpt.config import LoggerConfig, LoggerName
 from nanogpt.errors import UserError
-from nanogpt.runfiles import read_jsonl, write_error
+from nanogpt.runs.runfiles import read_jsonl, write_error
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.config import TrainConfig, check_train_config, check_world_size, site_dirs, to_object
-from nanogpt.distributed import planned_world_size
 from nanogpt.errors import ConfigError, UserError, user_errors
+from nanogpt.parallel.distributed import planned_world_size
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -42,7 +42,7 @@ def check_init_from(config: TrainConfig) -> None:
     """init_from exists, and the model group describes its weights (read without loading them)."""
     if config.init_from == "scratch":
         return
-    from nanogpt import checkpoint, weights
+    from nanogpt.runs import checkpoint, weights
 
     weights.check_matches(config.model, weights.peek_model_config(config.init_from), config.init_from)
     where = weights.locate(config.init_from)
@@ -52,7 +52,7 @@ def check_init_from(config: TrainConfig) -> None:
 
 def check_hardware(config: TrainConfig) -> None:
     """The device the config asks for exists, and the dtype works there."""
-    from nanogpt import hardware
+    from nanogpt.parallel import hardware
 
     hardware.resolve(config.hardware)
 
@@ -71,8 +71,8 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
     model's vocabulary covers it and the training context fits in it. Returns the data's meta.
 
     From here until the process ends the data dir is held for reading: a prepare that would
-    rewrite it under this run refuses (nanogpt.data.hold_for_reading)."""
-    from nanogpt.data import ensure_prepared, hold_for_reading
+    rewrite it under this run refuses (nanogpt.data.datasets.hold_for_reading)."""
+    from nanogpt.data.datasets import ensure_prepared, hold_for_reading
 
     ensure_prepared(config.data)
     hold_for_reading(config.data.dir)
@@ -84,7 +84,7 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
             f"set model.vocab_size=null (take the data's) or >= {meta['vocab_size']}"
         )
     if config.init_from != "scratch":  # the weights' vocabulary, read without loading them (as check_init_from)
-        from nanogpt import weights
+        from nanogpt.runs import weights
 
         theirs = weights.peek_model_config(config.init_from).vocab_size
         if theirs < meta["vocab_size"]:
@@ -102,8 +102,8 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
 
 
 def check_memory(config: TrainConfig, data_meta: dict) -> None:
-    """A training step fits in the memory the device has (a lower-bound estimate; nanogpt/memory.py)."""
-    from nanogpt import hardware, memory
+    """A training step fits in the memory the device has (a lower-bound estimate; nanogpt/parallel/memory.py)."""
+    from nanogpt.parallel import hardware, memory
 
     hw = hardware.resolve(config.hardware)
     vocab = config.model.vocab_size or data_meta["vocab_size"]
@@ -116,8 +116,8 @@ def check_resume_data(run_dir: Path, meta: dict) -> None:
     prepared again may keep every size). Every checkpoint of a run records the same data, so one
     that matches is enough; refused only when every readable one differs (a foreign file among
     them is the loader's to skip). Each is memory-mapped: only its small metadata is read."""
-    from nanogpt.checkpoint import CheckpointDir, load_file
-    from nanogpt.data import check_same_data
+    from nanogpt.data.datasets import check_same_data
+    from nanogpt.runs.checkpoint import CheckpointDir, load_file
 
     mismatch = None
     for path in CheckpointDir(run_dir / "checkpoints").candidates():
@@ -152,8 +152,8 @@ def share_the_plan(cfg: DictConfig, env) -> None:
     run's store; the other ranks adopt it, write no snapshot, and log to train.rankN.log."""
     import json
 
-    from nanogpt.distributed import shared_store
-    from nanogpt.resume import plan_run, replace_task_config
+    from nanogpt.parallel.distributed import shared_store
+    from nanogpt.runs.resume import plan_run, replace_task_config
 
     store = shared_store(env)
     if env.is_main:
@@ -261,21 +261,21 @@ class Preflight(Callback):
         self.plan_runs = plan_runs  # nanogpt-train: resume and reproduce pick the run dir and config
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from nanogpt.startup import clock
+        from nanogpt.runs.startup import clock
 
         clock.mark("interpreter and config")
         with stop_on_error():
             check_working_dir(config)
             refuse_in_a_single_run(config)
             if self.plan_runs:
-                from nanogpt.distributed import detect
+                from nanogpt.parallel.distributed import detect
 
                 to_train_config(config)  # the command line's own mistakes first
                 env = detect()
                 if env.is_distributed:  # every rank of torchrun/srun runs this: rank 0 decides for all
                     share_the_plan(config, env)
                 else:
-                    from nanogpt.resume import plan_run
+                    from nanogpt.runs.resume import plan_run
 
                     plan_run(config)
             train_config = to_train_config(config)
@@ -296,7 +296,7 @@ class Preflight(Callback):
             refuse_swept_command_choices(config)
             check_site(config)
             train_config = to_train_config(config)
-            from nanogpt.distributed import detect
+            from nanogpt.parallel.distributed import detect
 
             if detect().is_distributed:
                 raise ConfigError(

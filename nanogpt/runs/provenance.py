@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.config import PACKAGE_DIR
-from nanogpt.runfiles import RunFileError, read_json, read_yaml, write_error
+from nanogpt.runs.runfiles import RunFileError, read_json, read_yaml, write_error
 
 log = logging.getLogger("nanogpt")
 
@@ -121,7 +121,7 @@ class RunRecord:
     def _start(self, run_dir, seed, resolved, world_size, resumed_from, reproduced_from) -> None:
         from omegaconf import OmegaConf
 
-        from nanogpt.resume import flatten
+        from nanogpt.runs.resume import flatten
 
         self.run_dir = Path(run_dir)
         path = self.run_dir / "provenance.json"

@@ -7,7 +7,7 @@
     resume=<run dir>   continue that run, in its dir, with the config it snapshotted
                        (config.resolved.yaml); only RESUMABLE keys may be overridden.
     resume=<nanoGPT ckpt.pt or out_dir>  continue a nanoGPT run as its --init_from=resume does, in
-                       a fresh run dir, with the config its checkpoint records (nanogpt/from_nanogpt.py).
+                       a fresh run dir, with the config its checkpoint records (nanogpt/runs/from_nanogpt.py).
     reproduce=<run dir>  train that run's config (its .hydra/config.yaml) again in a fresh run dir;
                        key=value and group overrides apply on top of it.
 
@@ -30,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.errors import ConfigError
-from nanogpt.runfiles import read_yaml
+from nanogpt.runs.runfiles import read_yaml
 
 # what to do when a run's own config files cannot be read back
 RESOLVED_FIX = ("restore it from a copy of the run (its .hydra/config.yaml holds the config as composed), or train the "
@@ -151,7 +151,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
     """Point the run dir and the task config at what resume/reproduce ask (mutates cfg), after
     taking the run dir's lock (runlock.hold). preview (--cfg job): the same plan, without the lock
     and without verifying the checkpoints' hashes, so that it writes nothing and answers at once."""
-    from nanogpt import from_nanogpt, runlock
+    from nanogpt.runs import from_nanogpt, runlock
 
     resume, reproduce = cfg.resume, cfg.reproduce
     if reproduce is not None:
@@ -193,7 +193,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
     if resume != "never":
         plan_in_place(cfg, run_dir)
         if not preview and has_checkpoints(run_dir):
-            from nanogpt.checkpoint import CheckpointDir
+            from nanogpt.runs.checkpoint import CheckpointDir
 
             CheckpointDir(run_dir / "checkpoints").check_any_good()  # a corrupt run is named before Hydra writes
     else:
@@ -204,7 +204,7 @@ def has_checkpoints(run_dir: Path) -> bool:
     """Whether run_dir holds a checkpoint to continue from (without importing torch when it has none)."""
     if not (run_dir / "checkpoints").is_dir():
         return False
-    from nanogpt.checkpoint import CheckpointDir
+    from nanogpt.runs.checkpoint import CheckpointDir
 
     return bool(CheckpointDir(run_dir / "checkpoints").candidates())
 

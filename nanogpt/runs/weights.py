@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from nanogpt import checkpoint
 from nanogpt.config import Activation, GPT2_NAMES, ModelConfig
+from nanogpt.data.userfiles import read_json
 from nanogpt.errors import UserError
-from nanogpt.userfiles import read_json
+from nanogpt.runs import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def nanogpt_meta(payload: dict, path: Path) -> dict | None:
     """The char vocabulary of a nanoGPT ckpt.pt: its dataset's meta.pkl (or the meta.json made from
     it), beside the checkpoint or in data/<dataset>/ (where nanoGPT's sample.py looks). None: not
     found (nanoGPT then assumes GPT-2 BPE)."""
-    from nanogpt import tokenizer
+    from nanogpt.data import tokenizer
 
     dataset = (payload.get("config") or {}).get("dataset") if isinstance(payload.get("config"), dict) else None
     dirs = [path.parent] + ([Path("data") / dataset] if dataset else [])

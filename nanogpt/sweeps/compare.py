@@ -76,7 +76,7 @@ def check_experiments(experiments: list[str], overrides: list[str]) -> None:
 
     from nanogpt.config import config_dir, register_configs
     from nanogpt.errors import one_line
-    from nanogpt.preflight import check_hardware, check_optimizer, to_train_config
+    from nanogpt.runs.preflight import check_hardware, check_optimizer, to_train_config
 
     if len(experiments) < 2:
         raise UserError(f"give at least two experiments to compare (the first is the baseline), got {experiments}")
@@ -114,8 +114,8 @@ def train(name: str, repeat: int, out: Path, overrides: list[str]) -> Run:
 
 
 def read_run(name: str, repeat: int, run_dir: Path, wall_s: float) -> Run:
-    from nanogpt.report import read_metrics
-    from nanogpt.runfiles import read_json, read_yaml
+    from nanogpt.runs.runfiles import read_json, read_yaml
+    from nanogpt.sweeps.report import read_metrics
 
     evals, _ = read_metrics(run_dir)
     if not evals:

@@ -25,7 +25,7 @@ launchers (hydra-submitit-launcher), each with what a research sweep needs on to
 
 The launcher classes live in hydra_plugins/nanogpt_launchers/ (Hydra loads launchers only from
 the hydra_plugins package); conf/launcher/ holds the presets that select them. Requeue after preemption is
-submitit's: its signal handler resubmits the job into the same dir (see nanogpt/signals.py for how
+submitit's: its signal handler resubmits the job into the same dir (see nanogpt/runs/signals.py for how
 the run saves first), where resume=auto continues it.
 """
 
@@ -63,10 +63,10 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
               initial_job_idx: int) -> list[SweepJob]:
     """Compose and check the config of every job of the sweep now, and find the ones already
     finished. (check_jobs then makes the checks that read files.)"""
-    from nanogpt import runlock
     from nanogpt.config import check_world_size
-    from nanogpt.distributed import planned_world_size
-    from nanogpt.preflight import check_working_dir, to_train_config
+    from nanogpt.parallel.distributed import planned_world_size
+    from nanogpt.runs import runlock
+    from nanogpt.runs.preflight import check_working_dir, to_train_config
 
     sweep_dir = Path(str(master.hydra.sweep.dir))
     jobs = []
@@ -95,10 +95,10 @@ def job_dir(config: DictConfig) -> Path:
 
 
 def check_jobs(jobs: list[SweepJob], on_this_machine: bool) -> None:
-    """The rest of a single run's checks (nanogpt/preflight.py) for every job that will run:
+    """The rest of a single run's checks (nanogpt/runs/preflight.py) for every job that will run:
     init_from, the optimizer, data and vocab (preparing the data if it is missing), and the device
     where the jobs run on this machine (a SLURM job's GPUs are on its node, not on the login node)."""
-    from nanogpt import preflight
+    from nanogpt.runs import preflight
 
     for job in jobs:
         if job.finished:
@@ -131,11 +131,11 @@ def _finished_here(config: DictConfig, run_dir: Path) -> bool:
     continues it (config becomes that run's config, with the command's RESUMABLE values: a longer
     max_iters extends it); a run dir of another config (a sweep dir reused with other values) is
     refused: its checkpoints would be continued or skipped."""
-    from nanogpt.resume import flatten, plan_in_place
+    from nanogpt.runs.resume import flatten, plan_in_place
 
     if not (run_dir / "config.resolved.yaml").is_file():
         return False
-    from nanogpt.runfiles import read_yaml
+    from nanogpt.runs.runfiles import read_yaml
 
     before = OmegaConf.to_container(read_yaml(run_dir / "config.resolved.yaml", fix=(
         "restore it from a copy of the run, or move the job's dir aside to train that job again")))
@@ -275,7 +275,7 @@ class Outcome:
         if state in known:
             return known[state]
         # submitit_local's controller ends normally whatever killed the job: the run's own record tells
-        from nanogpt.provenance import _read_json
+        from nanogpt.runs.provenance import _read_json
 
         run = (_read_json(self.job.run_dir / "provenance.json") or {}).get("status")
         if run == "running":
@@ -288,7 +288,7 @@ class Outcome:
 def check_all_finished(sweep_dir: Path, outcomes: list[Outcome], limits: str = "") -> None:
     """After every job of the sweep ended: one line on the jobs that did not finish, why, their
     logs, and the command that finishes the sweep."""
-    from nanogpt.report import resume_command
+    from nanogpt.sweeps.report import resume_command
 
     failed = [(o, why) for o in outcomes if (why := o.why(limits)) is not None]
     if not failed:

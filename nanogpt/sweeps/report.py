@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from nanogpt.errors import UserError
-from nanogpt.runfiles import RunFileError, read_json, read_jsonl, read_yaml
+from nanogpt.runs.runfiles import RunFileError, read_json, read_jsonl, read_yaml
 
 # a run file that cannot be read: the report goes on without what it would add
 REPORT_FIX = "restore it from a copy of the run, or move it aside (the report then goes without it)"
