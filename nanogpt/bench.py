@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from nanogpt.cli import hydra_entrypoint
 from nanogpt.config import BenchConfig, check_world_size, config_dir
 from nanogpt.errors import ConfigError, user_errors
+from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
+from nanogpt.train import build_training, optimizer_step
 
 log = logging.getLogger("nanogpt")
 
@@ -38,8 +40,6 @@ def run_benchmark(config: BenchConfig) -> dict:
     import torch
 
     from nanogpt.data.batches import RandomWindows
-    from nanogpt.runs.preflight import check_data_and_vocab
-    from nanogpt.train import build_training, optimizer_step
 
     b = config.bench
     if b.steps < 1 or b.warmup_steps < 0:
@@ -108,8 +108,6 @@ def run_benchmark(config: BenchConfig) -> dict:
 
 @hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
 def _main(cfg: DictConfig) -> dict:
-    from nanogpt.runs.preflight import to_train_config
-
     with user_errors():
         return run_benchmark(to_train_config(cfg))
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from nanogpt.cli import hydra_entrypoint
 from nanogpt.config import SampleConfig, config_dir, to_object
+from nanogpt.data.userfiles import read_text
 from nanogpt.errors import UserError, user_errors
 
 log = logging.getLogger("nanogpt")
@@ -21,8 +22,6 @@ def read_prompt(cfg: SampleConfig) -> str:
         return cfg.prompt
     key, name = ("prompt_file", cfg.prompt_file) if cfg.prompt_file is not None else ("prompt", cfg.prompt[5:])
     spelled = f"{key}={cfg.prompt_file if key == 'prompt_file' else cfg.prompt}"
-    from nanogpt.data.userfiles import read_text
-
     return read_text(name, spelled, fix="give an existing file, or use prompt=TEXT")
 
 

@@ -27,8 +27,17 @@ from omegaconf import DictConfig, OmegaConf
 from nanogpt.cli import hydra_entrypoint
 from nanogpt.config import NonFinite, TrainConfig, check_world_size, config_dir
 from nanogpt.errors import UserError, user_errors
+from nanogpt.parallel import distributed, launch
 from nanogpt.parallel.distributed import DistEnv
+from nanogpt.runs import from_nanogpt
+from nanogpt.runs.failures import as_user_error, interrupted, last_checkpoint_words
+from nanogpt.runs.metrics import Metrics, NoMetrics
+from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
+from nanogpt.runs.provenance import RunRecord
+from nanogpt.runs.resume import foreign_checkpoint, plan_run, refuse_changes, refuse_overwrite
+from nanogpt.runs.runfiles import drop_failing_log_files
 from nanogpt.runs.signals import StopRequest, hand_over
+from nanogpt.runs.startup import clock
 
 if TYPE_CHECKING:
     import torch
@@ -298,11 +307,9 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
 
     from nanogpt.data.batches import RandomWindows
     from nanogpt.optim import schedule_warnings, set_learning_rate
-    from nanogpt.parallel import distributed, sharding
-    from nanogpt.runs import from_nanogpt, rng
+    from nanogpt.parallel import sharding
+    from nanogpt.runs import rng
     from nanogpt.runs.checkpoint import CheckpointDir
-    from nanogpt.runs.metrics import Metrics, NoMetrics
-    from nanogpt.runs.startup import clock
 
     clock.mark("run dir" if clock.phases else "interpreter, config and run dir")
     # once, in the run's log, before anything is computed; not again when the run continues: it keeps
@@ -487,9 +494,7 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
     """The newest good checkpoint of the run dir when the run continues (resume is not never);
     refuses it if the config changed in a way a continued run may not. whole=False maps the file
     instead of reading it (for a caller that only looks at its config and step)."""
-    from nanogpt.runs import from_nanogpt
     from nanogpt.runs.checkpoint import CheckpointDir
-    from nanogpt.runs.resume import foreign_checkpoint, refuse_changes, refuse_overwrite
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     for partial in checkpoints.remove_partial_writes():  # also of a save before the first checkpoint
@@ -507,12 +512,6 @@ def checkpoint_to_resume(config: TrainConfig, run_dir: Path, resolved: dict,
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
-
-    from nanogpt.parallel import distributed, launch
-    from nanogpt.runs.failures import as_user_error, interrupted, last_checkpoint_words
-    from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
-    from nanogpt.runs.provenance import RunRecord
-    from nanogpt.runs.runfiles import drop_failing_log_files
 
     drop_failing_log_files()  # a full disk: one warning, not a traceback per log line
     with user_errors():
@@ -567,8 +566,6 @@ def _main(cfg: DictConfig) -> dict:
 def _plan_without_lock(cfg: DictConfig) -> None:
     """What `--cfg job` shows goes through the run's own planning (resume, reproduce, a run dir
     that holds a run), without taking the run dir's lock: a preview writes nothing."""
-    from nanogpt.runs.resume import plan_run
-
     plan_run(cfg, preview=True)
 
 

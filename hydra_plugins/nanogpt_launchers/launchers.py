@@ -28,7 +28,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt.errors import ConfigError, UserError, user_errors
+from nanogpt.parallel.distributed import detect
 from nanogpt.runs import runlock, startup
+from nanogpt.runs.preflight import quiet_secondary_rank
 from nanogpt.sweeps import launcher
 
 log = logging.getLogger(__name__)
@@ -161,9 +163,6 @@ class _Submitit(BaseSubmititLauncher):
         """One job, on the node: runs the config composed at launch (a requeued job too, since
         submitit resubmits it with the same arguments)."""
         import submitit
-
-        from nanogpt.parallel.distributed import detect
-        from nanogpt.runs.preflight import quiet_secondary_rank
 
         Singleton.set_state(singleton_state)
         setup_globals()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from nanogpt.config import TrainConfig
 from nanogpt.errors import UserError
+from nanogpt.parallel import memory
+from nanogpt.runs.runfiles import DISK_ERRNOS, write_error
 
 
 def _in_chain(exc: BaseException | None, wanted) -> BaseException | None:
@@ -36,9 +38,6 @@ def _out_of_memory(exc: BaseException) -> bool:
 def as_user_error(exc: BaseException, run_dir: Path, config: TrainConfig) -> UserError | None:
     """The one line for an error that ended a run but is no bug of ours: the machine ran out of
     memory, or the disk refused a write (full, quota, read-only). None for anything else."""
-    from nanogpt.parallel import memory
-    from nanogpt.runs.runfiles import DISK_ERRNOS, write_error
-
     if isinstance(exc, UserError):
         return exc
     if _in_chain(exc, _out_of_memory) is not None:

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.config import TrainConfig, check_train_config, check_world_size, site_dirs, to_object
 from nanogpt.errors import ConfigError, UserError, user_errors
-from nanogpt.parallel.distributed import planned_world_size
+from nanogpt.parallel.distributed import detect, planned_world_size, shared_store
+from nanogpt.runs.resume import plan_run, replace_task_config
+from nanogpt.runs.startup import clock
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -152,9 +154,6 @@ def share_the_plan(cfg: DictConfig, env) -> None:
     run's store; the other ranks adopt it, write no snapshot, and log to train.rankN.log."""
     import json
 
-    from nanogpt.parallel.distributed import shared_store
-    from nanogpt.runs.resume import plan_run, replace_task_config
-
     store = shared_store(env)
     if env.is_main:
         try:
@@ -261,22 +260,16 @@ class Preflight(Callback):
         self.plan_runs = plan_runs  # nanogpt-train: resume and reproduce pick the run dir and config
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from nanogpt.runs.startup import clock
-
         clock.mark("interpreter and config")
         with stop_on_error():
             check_working_dir(config)
             refuse_in_a_single_run(config)
             if self.plan_runs:
-                from nanogpt.parallel.distributed import detect
-
                 to_train_config(config)  # the command line's own mistakes first
                 env = detect()
                 if env.is_distributed:  # every rank of torchrun/srun runs this: rank 0 decides for all
                     share_the_plan(config, env)
                 else:
-                    from nanogpt.runs.resume import plan_run
-
                     plan_run(config)
             train_config = to_train_config(config)
             check_world_size(train_config, planned_world_size(train_config.hardware))
@@ -296,8 +289,6 @@ class Preflight(Callback):
             refuse_swept_command_choices(config)
             check_site(config)
             train_config = to_train_config(config)
-            from nanogpt.parallel.distributed import detect
-
             if detect().is_distributed:
                 raise ConfigError(
                     "a sweep (--multirun) cannot run inside torchrun or srun: launch the sweep once, and give each "

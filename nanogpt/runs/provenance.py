@@ -23,11 +23,12 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from nanogpt import __version__
 from nanogpt.config import PACKAGE_DIR
+from nanogpt.runs.resume import flatten
 from nanogpt.runs.runfiles import RunFileError, read_json, read_yaml, write_error
 
 log = logging.getLogger("nanogpt")
@@ -65,9 +66,9 @@ def git_state(repo: Path = PACKAGE_DIR.parent) -> dict:
 
 
 def versions() -> dict:
-    import torch
+    from importlib import metadata  # not at the top: it costs nanogpt-train --cfg job 10 ms
 
-    from nanogpt import __version__
+    import torch
 
     found = {"python": platform.python_version(), "nanogpt": __version__}
     for name in PACKAGES:
@@ -120,8 +121,6 @@ class RunRecord:
 
     def _start(self, run_dir, seed, resolved, world_size, resumed_from, reproduced_from) -> None:
         from omegaconf import OmegaConf
-
-        from nanogpt.runs.resume import flatten
 
         self.run_dir = Path(run_dir)
         path = self.run_dir / "provenance.json"

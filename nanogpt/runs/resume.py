@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.errors import ConfigError
+from nanogpt.runs import from_nanogpt, runlock
 from nanogpt.runs.runfiles import read_yaml
 
 # what to do when a run's own config files cannot be read back
@@ -151,8 +152,6 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
     """Point the run dir and the task config at what resume/reproduce ask (mutates cfg), after
     taking the run dir's lock (runlock.hold). preview (--cfg job): the same plan, without the lock
     and without verifying the checkpoints' hashes, so that it writes nothing and answers at once."""
-    from nanogpt.runs import from_nanogpt, runlock
-
     resume, reproduce = cfg.resume, cfg.reproduce
     if reproduce is not None:
         source = existing_run_dir(reproduce, "reproduce", ".hydra/config.yaml")

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from nanogpt.errors import UserError
+from nanogpt.config import config_dir, register_configs
+from nanogpt.errors import UserError, one_line
+from nanogpt.runs.preflight import check_hardware, check_optimizer, to_train_config
+from nanogpt.runs.runfiles import read_json, read_yaml
+from nanogpt.sweeps.report import read_metrics
 
 BEGIN = "<!-- nanogpt-compare: begin (everything up to the end marker is rewritten) -->"
 END = "<!-- nanogpt-compare: end -->"
@@ -74,10 +78,6 @@ def check_experiments(experiments: list[str], overrides: list[str]) -> None:
     override is named here, not after the baseline has trained."""
     from hydra import compose, initialize_config_dir
 
-    from nanogpt.config import config_dir, register_configs
-    from nanogpt.errors import one_line
-    from nanogpt.runs.preflight import check_hardware, check_optimizer, to_train_config
-
     if len(experiments) < 2:
         raise UserError(f"give at least two experiments to compare (the first is the baseline), got {experiments}")
     if len(set(experiments)) != len(experiments):
@@ -114,9 +114,6 @@ def train(name: str, repeat: int, out: Path, overrides: list[str]) -> Run:
 
 
 def read_run(name: str, repeat: int, run_dir: Path, wall_s: float) -> Run:
-    from nanogpt.runs.runfiles import read_json, read_yaml
-    from nanogpt.sweeps.report import read_metrics
-
     evals, _ = read_metrics(run_dir)
     if not evals:
         raise UserError(f"{run_dir} has no val loss: give its experiment an eval_interval below max_iters")

@@ -41,7 +41,15 @@ from typing import Callable, Iterator, Sequence
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nanogpt.config import check_world_size
 from nanogpt.errors import ConfigError, UserError
+from nanogpt.parallel.distributed import planned_world_size
+from nanogpt.runs import preflight, runlock
+from nanogpt.runs.preflight import check_working_dir, to_train_config
+from nanogpt.runs.provenance import _read_json
+from nanogpt.runs.resume import flatten, plan_in_place
+from nanogpt.runs.runfiles import read_yaml
+from nanogpt.sweeps.report import resume_command
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +71,6 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
               initial_job_idx: int) -> list[SweepJob]:
     """Compose and check the config of every job of the sweep now, and find the ones already
     finished. (check_jobs then makes the checks that read files.)"""
-    from nanogpt.config import check_world_size
-    from nanogpt.parallel.distributed import planned_world_size
-    from nanogpt.runs import runlock
-    from nanogpt.runs.preflight import check_working_dir, to_train_config
-
     sweep_dir = Path(str(master.hydra.sweep.dir))
     jobs = []
     for i, overrides in enumerate(job_overrides):
@@ -98,8 +101,6 @@ def check_jobs(jobs: list[SweepJob], on_this_machine: bool) -> None:
     """The rest of a single run's checks (nanogpt/runs/preflight.py) for every job that will run:
     init_from, the optimizer, data and vocab (preparing the data if it is missing), and the device
     where the jobs run on this machine (a SLURM job's GPUs are on its node, not on the login node)."""
-    from nanogpt.runs import preflight
-
     for job in jobs:
         if job.finished:
             continue
@@ -131,12 +132,8 @@ def _finished_here(config: DictConfig, run_dir: Path) -> bool:
     continues it (config becomes that run's config, with the command's RESUMABLE values: a longer
     max_iters extends it); a run dir of another config (a sweep dir reused with other values) is
     refused: its checkpoints would be continued or skipped."""
-    from nanogpt.runs.resume import flatten, plan_in_place
-
     if not (run_dir / "config.resolved.yaml").is_file():
         return False
-    from nanogpt.runs.runfiles import read_yaml
-
     before = OmegaConf.to_container(read_yaml(run_dir / "config.resolved.yaml", fix=(
         "restore it from a copy of the run, or move the job's dir aside to train that job again")))
     plan_in_place(config, run_dir, way_out="a sweep dir is finished with the command that started it; for "
@@ -275,8 +272,6 @@ class Outcome:
         if state in known:
             return known[state]
         # submitit_local's controller ends normally whatever killed the job: the run's own record tells
-        from nanogpt.runs.provenance import _read_json
-
         run = (_read_json(self.job.run_dir / "provenance.json") or {}).get("status")
         if run == "running":
             return "was killed while it ran (by a signal such as SIGKILL, or the out-of-memory killer): its run recorded no end"
@@ -288,8 +283,6 @@ class Outcome:
 def check_all_finished(sweep_dir: Path, outcomes: list[Outcome], limits: str = "") -> None:
     """After every job of the sweep ended: one line on the jobs that did not finish, why, their
     logs, and the command that finishes the sweep."""
-    from nanogpt.sweeps.report import resume_command
-
     failed = [(o, why) for o in outcomes if (why := o.why(limits)) is not None]
     if not failed:
         return
