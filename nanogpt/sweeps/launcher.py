@@ -10,10 +10,11 @@ launchers (hydra-submitit-launcher), each with what a research sweep needs on to
   the launcher makes the sweep dir and its multirun.yaml only once every job passed (Hydra's own
   sweeper writes multirun.yaml first), and takes them back if the submission fails.
 - Choices that belong to the whole command (the launcher, the site, the sweep preset, Hydra's
-  launcher and sweeper) cannot be swept, and without --multirun they are refused: they would do nothing.
+  launcher and sweeper) cannot be swept, and without --multirun they are refused: they would do
+  nothing (nanogpt/runs/preflight.py checks both).
 - Sites. A site file (partition, account, ... of a cluster) is an option of the group `site`, found
-  in the package's conf/site/ and in the user's dirs (site_dirs), so a wheel install reads them
-  too; a site the command names must exist (the SLURM presets read the default one optionally).
+  in the package's conf/site/ and in the user's dirs (config.site_dirs), so a wheel install reads
+  them too; a site the command names must exist (the SLURM presets read the default one optionally).
 - One summary. However a job ends (done, refused, failed with an error, killed, cancelled, out of
   requeues), the sweep waits for all of them and ends with one line naming each job that did not
   finish, why, its log, and the command that finishes the sweep.
