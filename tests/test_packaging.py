@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import zipfile
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, require_shakespeare
 
 
 @pytest.mark.slow
@@ -26,6 +27,8 @@ def test_experiments_work_from_an_installed_wheel(tmp_path):
     assert "nanogpt/conf/train.yaml" in names and "nanogpt/conf/model/gpt2.yaml" in names
     assert "nanogpt/experiments/gpt2_124m.yaml" in names
     assert "hydra_plugins/nanogpt_launchers/launchers.py" in names and "nanogpt/conf/launcher/slurm.yaml" in names
+    for wing in ("data", "parallel", "runs", "sweeps"):  # every subpackage of the layout (docs/architecture.md)
+        assert f"nanogpt/{wing}/__init__.py" in names, wing
 
     # install the wheel alone into a folder and run it from elsewhere: no checkout on the path
     target = tmp_path / "site"
@@ -62,6 +65,22 @@ def test_experiments_work_from_an_installed_wheel(tmp_path):
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
     )
     assert site.returncode == 0 and site.stdout.strip() == "ours", site.stderr
+
+    # and it trains: 20 steps of the default recipe, every module coming from the installed wheel
+    shakespeare = require_shakespeare()
+    trained = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv[0] = 'nanogpt-train'; from nanogpt.train import main; main()",
+         f"data.source={shakespeare}", "data.dir=data", "max_iters=20", "eval_interval=10", "eval_iters=2",
+         "log_interval=10", "hardware.peak_flops=1e11", "hydra.run.dir=run"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert (elsewhere / "run" / "DONE").is_file() and (elsewhere / "run" / "checkpoints" / "last.pt").is_file()
+    steps = [json.loads(line)["step"] for line in (elsewhere / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 20
+    loaded = subprocess.run([sys.executable, "-c", "import nanogpt.runs.checkpoint as c; print(c.__file__)"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.startswith(str(target)), loaded.stdout + loaded.stderr
 
 
 def test_console_scripts_are_installed():
