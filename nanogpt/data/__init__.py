@@ -1,4 +1,5 @@
 """Data: a dataset made into token files (datasets), the tokenizers that read and write them,
-and the batches training draws from them (batches); every file a user names is read through
-userfiles. Imports only config and errors: data never imports runs/, parallel/, sweeps/ or an entrypoint.
+the batches training draws from them (batches), and the one checked reader of every file a user
+names (userfiles). Imports only config.py and errors.py; runs/, sweeps/ and the entrypoints import it.
+It never imports the training loop or any entrypoint.
 """

@@ -1,5 +1,5 @@
 """Processes and devices: which rank this is and the process group (distributed), the device and
 dtype the hardware group means (hardware), whether a step fits in memory (memory), how the model
-is spread over ranks (sharding, DDP/FSDP2), and how the workers of one run start (launch).
-Imports only config and errors: it never imports data/, runs/, sweeps/ or an entrypoint (launch is given the loop).
+is spread over ranks (sharding: DDP, FSDP2), and how the workers of one run start (launch, which
+is handed the training loop). Imports only config.py and errors.py; runs/, sweeps/ and the entrypoints import it.
 """
