@@ -19,8 +19,21 @@ import torch
 from nanogpt.config import OptimConfig, Schedule
 
 
+def fused_adamw_devices() -> tuple[str, ...]:
+    """The device types PyTorch has a fused AdamW kernel for (CPU, CUDA and MPS in torch 2.4+)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch that moved it: the devices of torch 2.4
+        return ("cpu", "cuda", "mps")
+    return tuple(_get_fused_kernels_supported_devices())
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    fused = device_type == "cuda" if cfg.fused is None else cfg.fused  # the fused kernel is CUDA-only
+    # The fused kernel updates every parameter in one pass. On a CPU that is what beats nanoGPT's
+    # loop most (it uses the fused kernel on CUDA only): the default recipe's AdamW step took 10.3 ms
+    # as foreach ops and 0.7 ms fused, of a ~32 ms step. Its results differ from foreach's in the
+    # last bit of float32 (the same math, fused into one expression).
+    fused = device_type in fused_adamw_devices() if cfg.fused is None else cfg.fused
     adamw_options = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **({"fused": True} if fused else {}))
     if cfg.name == "muon":
         return MuonWithAdamW(model, cfg, adamw_options)

@@ -98,11 +98,13 @@ def our_loop(config, meta, run_dir: Path):
 
 
 def cpu_recipe(tmp_path: Path, shakespeare_path: Path, steps: int, eval_interval: int, eval_iters: int, *overrides: str):
-    """nanoGPT's CPU recipe (our default), run for `steps` of its 2,000-step schedule."""
+    """nanoGPT's CPU recipe (our default), run for `steps` of its 2,000-step schedule, with the AdamW
+    kernel nanoGPT uses on a CPU (foreach: it fuses on CUDA only), so that the two loops are
+    compared bit for bit; overrides may give ours its own defaults back (optim.fused=null)."""
     config = to_train_config(compose("train", [
         f"data.source={shakespeare_path}", f"data.dir={tmp_path / 'data'}", "hardware=cpu",
         f"max_iters={steps}", f"eval_interval={eval_interval}", f"eval_iters={eval_iters}", "log_interval=1",
-        "save_checkpoints=false", "hardware.peak_flops=1e11", *overrides,
+        "save_checkpoints=false", "hardware.peak_flops=1e11", "optim.fused=false", *overrides,
     ]))
     config = replace(config, optim=replace(config.optim, decay_iters=2000))  # the recipe's schedule
     return config, ensure_prepared(config.data)
@@ -141,3 +143,38 @@ def test_our_loop_reproduces_nanogpt_and_prints_the_speed_ratio(tmp_path, shakes
     with capsys.disabled():  # a benchmark: the figure belongs in the test log, also in CI
         print(f"\n[benchmark] CPU recipe, step time ours/nanoGPT's loop: median {statistics.median(ratios):.3f} "
               f"over {ROUNDS} alternating rounds (rounds ranged {min(ratios):.2f} to {max(ratios):.2f})")
+
+
+@pytest.mark.slow
+def test_the_default_recipe_side_by_side_with_nanogpts_loop(tmp_path, shakespeare_path, capsys):
+    """The figure README.md quotes: nanoGPT's CPU recipe for its full 2,000 steps (evaluating every
+    250), in nanoGPT's loop and in ours with our defaults for it, one after the other in this
+    process: the wall-clock of each run (ours includes whatever start-up its defaults cost, a
+    compile too) and the steady-state time of a step, as ratios, and how far the losses moved
+    (the fused AdamW kernel rounds the last bit of float32 differently)."""
+    steps, eval_interval, eval_iters = 2000, 250, 20
+    config, meta = cpu_recipe(tmp_path, shakespeare_path, steps, eval_interval, eval_iters,
+                              "optim.fused=null", "hardware.compile=null", "log_interval=50")
+    start = time.perf_counter()
+    ref_losses, ref_evals, ref_times = nanogpt_loop(config, meta, steps, eval_interval, eval_iters)
+    ref_wall = time.perf_counter() - start
+    start = time.perf_counter()
+    run_dir = tmp_path / "ours"
+    run_dir.mkdir()
+    train(config, run_dir, meta, {})
+    our_wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    our_evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
+    our_steps = [r for r in records if r["kind"] == "train"]  # every 50th step, with the mean ms of the 50
+    our_ms = statistics.median(r["ms_per_iter"] for r in our_steps[2:])
+    ref_ms = statistics.median(ref_times[100:]) * 1e3
+    loss_diff = max(abs(r["loss"] - ref_losses[r["step"] - 1]) for r in our_steps)
+    val_diff = max(abs(ours - ref["val"]) for ours, ref in zip(our_evals, ref_evals))
+    with capsys.disabled():
+        print(f"\n[benchmark] nanoGPT's CPU recipe, {steps} steps, ours ({'fused' if config.optim.fused is not False else 'foreach'}"
+              f" AdamW) vs nanoGPT's loop: wall-clock {our_wall:.1f} s vs {ref_wall:.1f} s (ratio {our_wall / ref_wall:.3f}), "
+              f"steady-state {our_ms:.1f} vs {ref_ms:.1f} ms/iter (ratio {our_ms / ref_ms:.3f}); final val loss "
+              f"{our_evals[-1]:.4f} vs {ref_evals[-1]['val']:.4f}, largest difference of a logged train loss "
+              f"{loss_diff:.1e}, of a val loss {val_diff:.1e}")
+    assert len(our_evals) == len(ref_evals) == steps // eval_interval + 1
+    assert val_diff < 0.02  # the same training, up to float32 rounding
