@@ -59,7 +59,7 @@ class DType(str, Enum):
     auto = "auto"  # bfloat16 where supported, else float16 (with a GradScaler) on cuda; float32 elsewhere
     float32 = "float32"
     bfloat16 = "bfloat16"
-    float16 = "float16"
+    float16 = "float16"  # with a GradScaler (fp16 underflows); on a CPU emulated unless it has AVX512-FP16 or AMX-FP16
 
 
 class NonFinite(str, Enum):

@@ -172,7 +172,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
         monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        hardware._warn_emulated_bf16.cache_clear()
+        hardware._warn_emulated.cache_clear()
         hardware.resolve(cpu_bf16)
         hardware.resolve(cpu_bf16)  # said once, not on each resolve
     assert caplog.messages == [

@@ -86,10 +86,10 @@ def resolve(cfg: HardwareConfig) -> Hardware:
             dtype = DType.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else DType.float16
         else:
             dtype = DType.float32
-    if device == Device.cpu and dtype == DType.float16:
-        raise ConfigError("hardware.dtype=float16 is not supported on cpu: use float32 or bfloat16")
     if device == Device.cpu and dtype == DType.bfloat16 and not x86_has_native_bf16():
-        _warn_emulated_bf16()
+        _warn_emulated(dtype)
+    if device == Device.cpu and dtype == DType.float16 and not x86_has_native_fp16():
+        _warn_emulated(dtype)
     torch_dtype = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}[dtype]
 
     if cfg.cpus_per_process and os.environ.get("SUBMITIT_EXECUTOR"):
@@ -101,6 +101,9 @@ def resolve(cfg: HardwareConfig) -> Hardware:
         torch.backends.cudnn.allow_tf32 = cfg.tf32
 
     compile_model = cfg.compile if cfg.compile is not None else device == Device.cuda
+    if compile_model and device == Device.cpu and cpp_compiler() is None:
+        _warn_no_cpp_compiler()
+        compile_model = False
     peak = cfg.peak_flops
     if peak is None and device == Device.cuda:
         peak = gpu_peak_flops(torch.cuda.get_device_name())
@@ -116,10 +119,44 @@ def x86_has_native_bf16() -> bool:
     return not all(probes) or any(probe() for probe in probes)
 
 
+def x86_has_native_fp16() -> bool:
+    """Whether an x86 CPU multiplies float16 natively (AMX-FP16, or AVX512-FP16 as /proc/cpuinfo
+    lists it); other CPUs (ARM has float16 arithmetic of its own): True."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            avx512_fp16 = " avx512_fp16" in cpuinfo.read()
+    except OSError:  # not Linux: say nothing rather than warn wrongly
+        return True
+    return amx_fp16 or avx512_fp16
+
+
 @functools.cache  # once a process: preflight and the training loop both resolve the hardware group
-def _warn_emulated_bf16() -> None:
-    log.warning("hardware.dtype=bfloat16 on an x86 CPU without native bf16 (avx512_bf16 or AMX): its matmuls "
+def _warn_emulated(dtype: DType) -> None:
+    short, native = {DType.bfloat16: ("bf16", "avx512_bf16 or AMX"), DType.float16: ("fp16", "avx512_fp16 or AMX-FP16")}[dtype]
+    log.warning(f"hardware.dtype={dtype.value} on an x86 CPU without native {short} ({native}): its matmuls "
                 "are emulated, usually slower than float32; set hardware.dtype=float32")
+
+
+@functools.cache
+def cpp_compiler() -> str | None:
+    """The C++ compiler TorchInductor would build torch.compile's CPU kernels with ($CXX, else
+    g++), or None when it finds none. Importing the inductor costs about a second: only asked when
+    compile is on for a CPU."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or an inductor that cannot load here: no compiler to use
+        return None
+
+
+@functools.cache
+def _warn_no_cpp_compiler() -> None:
+    log.warning("hardware.compile: no C++ compiler for torch.compile's CPU kernels (install g++, or point CXX at "
+                "one), so this run trains without compiling; set hardware.compile=false to silence this")
 
 
 def gpu_peak_flops(name: str) -> float | None:
