@@ -62,7 +62,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     else:
         batches = RandomTokens(raw_model.config.vocab_size, **batch_args)
 
-    sync = torch.cuda.synchronize if hw.device_type == "cuda" else (lambda: None)
+    sync = torch.get_device_module(hw.device_type).synchronize  # waits for the GPU; a no-op on a CPU
     batch = batches.next_batch()
 
     def steps(n: int):
