@@ -120,8 +120,7 @@ def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(
     if env.is_distributed and not fsdp:
         model = sharding.wrap(model, hw.device, env, fsdp=False)
     if hw.peak_flops is None:  # measured in the dtype the matmuls of training run in
-        log.info(f"measuring the peak FLOP/s of {hw.device} for MFU (0.5 s; hardware.peak_flops=<FLOP/s> skips it)")
-        hw.peak_flops = hardware.measure_peak_flops(hw.device, hw.dtype)
+        hw.peak_flops = hardware.measured_peak_flops(hw.device, hw.dtype)
     return Training(hw, raw_model, model, optimizer, scaler, data_rng, env, fsdp)
 
 

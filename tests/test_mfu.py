@@ -233,3 +233,14 @@ def test_training_beside_a_busy_loop_never_logs_or_records_mfu_above_100(tmp_pat
     trains = [r for r in records if r["kind"] == "train"]
     assert len(trains) == 4 and all({"mfu", "mfu_capped", "peak_flops"} <= set(r) for r in trains)
     assert_the_probe_was_fooled_and_mfu_stayed_honest(printed, [r["mfu"] for r in trains])
+
+
+def test_the_peak_is_measured_once_a_process_and_again_only_when_asked():
+    hardware._best_measured.clear()  # a local sweep's jobs run in one process: the second starts 0.5 s sooner
+    start = time.perf_counter()
+    first = hardware.measured_peak_flops("cpu", torch.float32)
+    assert time.perf_counter() - start >= 0.5
+    start = time.perf_counter()
+    assert hardware.measured_peak_flops("cpu", torch.float32) == first and time.perf_counter() - start < 0.05
+    assert hardware.measured_peak_flops("cpu", torch.float32, again=True) >= first  # the best rate is kept
+    hardware._best_measured.clear()
