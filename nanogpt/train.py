@@ -466,7 +466,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                 train_loss = float(all_ranks_sum(result.loss.clone())) / env.world_size
                 dt = (time.perf_counter() - t_last) / steps_since_log
                 mfu, mfu_capped = mfu_of(tokens_per_step / env.world_size / dt)  # per device, as its peak
-                t_last, steps_since_log = time.perf_counter(), 0  # after mfu_of: measuring the peak again is not training time
+                # after mfu_of, which may measure the peak again: that is not training time
+                t_last, steps_since_log = time.perf_counter(), 0
                 metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(result.grad_norm),
                             skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
                             tokens_per_s=tokens_per_step / dt, mfu=mfu, mfu_capped=mfu_capped, peak_flops=hw.peak_flops)

@@ -228,7 +228,8 @@ def test_bench_beside_a_busy_loop_never_prints_mfu_above_100(tmp_path):
 def test_training_beside_a_busy_loop_never_logs_or_records_mfu_above_100(tmp_path):
     printed = run_beside_busy_loops(
         ["nanogpt.train", f"data.source={require_shakespeare()}", "max_iters=12", "log_interval=3", "eval_iters=1",
-         "eval_interval=100", "optim.warmup_iters=0", "save_checkpoints=false", "hydra.run.dir=run"], tmp_path, busy_until="training starts")
+         "eval_interval=100", "optim.warmup_iters=0", "save_checkpoints=false", "hydra.run.dir=run"],
+        tmp_path, busy_until="training starts")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in records if r["kind"] == "train"]
     assert len(trains) == 4 and all({"mfu", "mfu_capped", "peak_flops"} <= set(r) for r in trains)

@@ -53,7 +53,8 @@ GPU_PEAK_FLOPS = {
     # NVIDIA Ada GPU Architecture whitepaper, appendix A: GeForce RTX 4090, peak BF16/FP16 tensor
     # TFLOPS with FP32 accumulate 165.2 (330.4 with sparsity)
     ("RTX", "4090"): 165e12,
-    # NVIDIA Ampere GA102 GPU Architecture whitepaper v2, appendix C: RTX A6000, BF16/FP16 with FP32 accumulate 154.8 (309.7 with sparsity)
+    # NVIDIA Ampere GA102 GPU Architecture whitepaper v2, appendix C: RTX A6000, BF16/FP16 tensor TFLOPS
+    # with FP32 accumulate 154.8 (309.7 with sparsity)
     ("RTX", "A6000"): 155e12,
     # NVIDIA HGX B200 datasheet: FP16/BF16 Tensor Core 36 PFLOPS with sparsity for 8 GPUs, 2.25 dense per GPU
     ("B200",): 2250e12,
@@ -253,8 +254,8 @@ class MFU:
             self.remeasured = True
             before = self.hw.peak_flops
             self.hw.peak_flops = max(before, self.measure(self.hw.device, self.hw.dtype))
-            log.info(f"MFU read {mfu:.0%} of the peak measured at start ({before / 1e12:.3g} TFLOP/s), so the "
-                     f"machine was busier then: measured it again, {self.hw.peak_flops / 1e12:.3g} TFLOP/s from now on")
+            log.info(f"MFU read {mfu:.0%} of the peak measured at start ({before / 1e12:.3g} TFLOP/s): the machine "
+                     f"was likely busier then; measured it again: {self.hw.peak_flops / 1e12:.3g} TFLOP/s from now on")
             mfu = self.model.estimate_mfu(tokens_per_s, self.seq_len, self.hw.peak_flops)
         if mfu <= 1:
             return mfu, False
