@@ -40,6 +40,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     import torch
 
     from nanogpt.data.batches import RandomWindows
+    from nanogpt.parallel import hardware
 
     b = config.bench
     if b.steps < 1 or b.warmup_steps < 0:
@@ -97,11 +98,12 @@ def run_benchmark(config: BenchConfig) -> dict:
     sync()
     dt = (time.perf_counter() - start) / b.steps
     tokens_per_s = config.batch_size * config.block_size * accum / dt
-    mfu = raw_model.estimate_mfu(tokens_per_s, config.block_size, hw.peak_flops)
-    result = {"ms_per_iter": dt * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu, "loss": float(loss)}
+    mfu, mfu_capped = hardware.MFU(hw, raw_model, config.block_size)(tokens_per_s)
+    result = {"ms_per_iter": dt * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_capped": mfu_capped,
+              "peak_flops": hw.peak_flops, "peak_from": hw.peak_from, "loss": float(loss)}
     log.info(
-        f"{dt * 1e3:.2f} ms/iter, {tokens_per_s:,.0f} tokens/s, MFU {mfu * 100:.2f}% "
-        f"(of {hw.peak_flops / 1e12:.2f} TFLOP/s peak), loss {float(loss):.4f}"
+        f"{dt * 1e3:.2f} ms/iter, {tokens_per_s:,.0f} tokens/s, MFU {mfu * 100:.2f}%{' (capped)' if mfu_capped else ''} "
+        f"(of {hw.peak_flops / 1e12:.2f} TFLOP/s, the {hw.peak_from} peak), loss {float(loss):.4f}"
     )
     return result
 

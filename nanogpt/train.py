@@ -120,7 +120,7 @@ def build_training(config: TrainConfig, data_meta: dict, env: DistEnv = DistEnv(
     if env.is_distributed and not fsdp:
         model = sharding.wrap(model, hw.device, env, fsdp=False)
     if hw.peak_flops is None:  # measured in the dtype the matmuls of training run in
-        hw.peak_flops = hardware.measure_peak_flops(hw.device, hw.dtype)
+        hw.peak_flops = hardware.measured_peak_flops(hw.device, hw.dtype)
     return Training(hw, raw_model, model, optimizer, scaler, data_rng, env, fsdp)
 
 
@@ -307,7 +307,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
 
     from nanogpt.data.batches import RandomWindows
     from nanogpt.optim import schedule_warnings, set_learning_rate
-    from nanogpt.parallel import sharding
+    from nanogpt.parallel import hardware, sharding
     from nanogpt.runs import rng
     from nanogpt.runs.checkpoint import CheckpointDir
 
@@ -401,7 +401,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     max_iters, log_interval = config.max_iters, config.log_interval
     eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
     on_nonfinite = config.on_nonfinite
-    flops_per_step = raw_model.flops_per_token(config.block_size) * tokens_per_step / env.world_size
+    mfu_of = hardware.MFU(hw, raw_model, config.block_size)
     last_eval, stopped_by, stop_agreed = {}, None, False
     saved_step = start_step if resume_from is not None else None  # the step of the newest checkpoint
     t_last, steps_since_log = time.perf_counter(), 0
@@ -464,16 +464,16 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
 
             if progress.step % log_interval == 0 or progress.step == max_iters:
                 train_loss = float(all_ranks_sum(result.loss.clone())) / env.world_size
-                now = time.perf_counter()
-                dt = (now - t_last) / steps_since_log
-                t_last, steps_since_log = now, 0
-                mfu = flops_per_step / dt / hw.peak_flops
+                dt = (time.perf_counter() - t_last) / steps_since_log
+                mfu, mfu_capped = mfu_of(tokens_per_step / env.world_size / dt)  # per device, as its peak
+                # after mfu_of, which may measure the peak again: that is not training time
+                t_last, steps_since_log = time.perf_counter(), 0
                 metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(result.grad_norm),
                             skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
-                            tokens_per_s=tokens_per_step / dt, mfu=mfu)
+                            tokens_per_s=tokens_per_step / dt, mfu=mfu, mfu_capped=mfu_capped, peak_flops=hw.peak_flops)
                 log.info(
                     f"iter {progress.step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
-                    f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                    f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%{' (capped)' if mfu_capped else ''}"
                 )
     finally:
         metrics.close()
