@@ -135,6 +135,10 @@ class HardwareConfig:
     device: Device = Device.auto
     dtype: DType = DType.auto  # autocast dtype; master weights stay float32
     compile: Optional[bool] = None  # torch.compile the model; None: on cuda only
+    # torch.use_deterministic_algorithms; None: on a CPU, off on a GPU. A compiled model's CPU kernels sum
+    # embedding gradients with atomic adds (run-to-run differences of 1e-7) unless it is on: it keeps a
+    # compiled CPU run exactly resumable and reproducible, at no measured cost there; on a GPU it costs speed
+    deterministic: Optional[bool] = None
     tf32: bool = True  # allow TF32 matmuls and convolutions on Ampere and newer GPUs
     peak_flops: Optional[float] = None  # per device, for MFU; None: known GPU table, else measured
     nproc_per_node: int = 1  # processes per node, one per GPU; > 1 on one machine: nanogpt-train starts them

@@ -67,7 +67,7 @@ def test_every_experiment_composes_and_validates(experiment):
 def test_default_is_the_cpu_recipe():
     default = OmegaConf.to_container(compose("train"), resolve=True)
     recipe = OmegaConf.to_container(compose("train", ["experiment=shakespeare_char_cpu"]), resolve=True)
-    assert recipe.pop("hardware") == {"device": "cpu", "dtype": "float32", "compile": False, "tf32": False,
+    assert recipe.pop("hardware") == {"device": "cpu", "dtype": "float32", "compile": False, "deterministic": None, "tf32": False,
                                       "peak_flops": None, "nproc_per_node": 1, "nnodes": 1, "backend": None,
                                       "fsdp": False, "cpus_per_process": 4}
     default.pop("hardware")

@@ -131,6 +131,12 @@ def resolve(cfg: HardwareConfig) -> Hardware:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
 
+    deterministic = cfg.deterministic if cfg.deterministic is not None else device == Device.cpu
+    if deterministic:
+        # a GPU needs this set before cuBLAS starts to give deterministic matmuls
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op with no deterministic kernel warns instead of stopping the run
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     compile_model = cfg.compile if cfg.compile is not None else device == Device.cuda
     if compile_model and device == Device.cpu and cpp_compiler() is None:
         _warn_no_cpp_compiler()

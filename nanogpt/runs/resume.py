@@ -42,7 +42,7 @@ SNAPSHOT_FIX = "restore it from a copy of the run; its config.resolved.yaml hold
 # would make the rest of the run differ from the run that was started.
 RESUMABLE = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "save_checkpoints", "keep_checkpoints",
-    "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "data.num_threads", "data.dir",
+    "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "hardware.deterministic", "data.num_threads", "data.dir",
     "data.source", "hardware.nproc_per_node", "hardware.nnodes", "hardware.backend",
     "hardware.fsdp", "hardware.cpus_per_process",
 )
