@@ -84,6 +84,33 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
 
 
 # A model small enough that a sweep job is mostly process start-up: for tests of the sweep machinery.
+class Training:
+    """nanogpt-train in a subprocess whose progress lines can be waited for."""
+
+    def __init__(self, cwd: Path, *args: str, python_code: str | None = None):
+        command = ["-c", python_code, *args] if python_code else ["-m", "nanogpt.train", *args]
+        self.proc = subprocess.Popen(
+            [sys.executable, *command], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.seen: list[str] = []
+
+    def wait_for(self, prefix: str) -> None:
+        for line in self.proc.stdout:
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return
+        raise AssertionError(f"the run ended before printing {prefix!r}:\n{''.join(self.seen)}")
+
+    def finish(self, timeout: float = 120) -> int:
+        self.seen.append(self.proc.stdout.read())
+        return self.proc.wait(timeout=timeout)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.seen)
+
+
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "eval_iters=1",
         "optim.warmup_iters=0", "hardware=cpu", "hardware.cpus_per_process=1", "hardware.peak_flops=1e11"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, require_mount_namespace, require_shakespeare, run_cli
+from conftest import REPO, SHAKESPEARE, Training, require_mount_namespace, require_shakespeare, run_cli
 
 N = 60  # steps of every run here; stops land near N/2
 LOGGED = ("step", "kind", "loss", "lr", "grad_norm", "skipped_steps", "train_loss", "val_loss")
@@ -56,33 +56,6 @@ def workspace(tmp_path_factory):
     result = run_cli("nanogpt.train", *train_args(data_dir), "hydra.run.dir=straight", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return cwd, data_dir, cwd / "straight"
-
-
-class Training:
-    """nanogpt-train in a subprocess whose progress lines can be waited for."""
-
-    def __init__(self, cwd: Path, *args: str, python_code: str | None = None):
-        command = ["-c", python_code, *args] if python_code else ["-m", "nanogpt.train", *args]
-        self.proc = subprocess.Popen(
-            [sys.executable, *command], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.seen: list[str] = []
-
-    def wait_for(self, prefix: str) -> None:
-        for line in self.proc.stdout:
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return
-        raise AssertionError(f"the run ended before printing {prefix!r}:\n{''.join(self.seen)}")
-
-    def finish(self, timeout: float = 120) -> int:
-        self.seen.append(self.proc.stdout.read())
-        return self.proc.wait(timeout=timeout)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.seen)
 
 
 def test_stopped_by_sigterm_and_resumed_matches_the_run_that_never_stopped(workspace):
