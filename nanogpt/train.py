@@ -237,9 +237,16 @@ def _search_micro_batch(config: TrainConfig, data_meta: dict, device: str | None
         batches = RandomTokens(t.raw_model.config.vocab_size, config.block_size, size, t.hw.device, generator)
         optimizer_step(t, batches, batches.next_batch(), 1, config.optim.grad_clip, NonFinite.skip)
 
+    def fresh_scaler() -> torch.amp.GradScaler:
+        # fp16: a scale of 1 does not overflow, so the first trial step is applied and makes the
+        # optimizer's state, which every later trial step must run beside (as the run's steps do)
+        return torch.amp.GradScaler(t.hw.device_type, init_scale=1.0, enabled=t.hw.use_grad_scaler)
+
     def after_oom() -> None:  # a step cut short leaves gradients, and perhaps the scaler's unscale_, half done
         t.optimizer.zero_grad(set_to_none=True)
-        t.scaler = torch.amp.GradScaler(t.hw.device_type, enabled=t.hw.use_grad_scaler)
+        t.scaler = fresh_scaler()
+
+    t.scaler = fresh_scaler()
 
     search = autobatch.largest_fitting(try_size, autobatch.candidate_sizes(config.global_batch_size, world_size),
                                        after_oom)

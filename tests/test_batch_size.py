@@ -70,7 +70,8 @@ def test_the_search_finds_the_largest_fitting_size_in_logarithmic_tries(limit):
     assert search.size == min(limit, cap)
     assert [size for size, _ in search.tries] == tried
     assert all(fitted == (size <= limit) for size, fitted in search.tries)
-    assert len(tried) <= math.ceil(math.log2(cap + 1)) == 7  # a binary search, not a scan
+    assert tried[0] == 1  # the smallest first: it makes the optimizer's state (below)
+    assert len(tried) <= 1 + math.ceil(math.log2(cap)) == 7  # then a binary search, not a scan
     assert free_at_start == [0] * len(tried)  # each try starts with nothing of the previous one left
     assert gpu.used == 0
 
@@ -91,16 +92,32 @@ def test_memory_held_by_the_oom_traceback_is_released_before_the_next_try():
     assert gpu.used == state.nbytes
 
 
+def test_every_try_runs_beside_the_optimizer_state_the_first_step_makes():
+    """AdamW makes its moments in the first step, after the backward has freed the activations; the
+    run's later steps all run beside them. A search whose first try were large would see that
+    try fit without them."""
+    gpu = FakeGPU(capacity=10 * PER_SEQUENCE)
+    optimizer_state = []
+
+    def try_size(size: int) -> None:
+        activations = gpu.alloc(size * PER_SEQUENCE)
+        del activations  # the backward is done
+        if not optimizer_state:
+            optimizer_state.append(gpu.alloc(3 * PER_SEQUENCE))
+
+    assert autobatch.largest_fitting(try_size, list(range(1, 33))).size == 7  # 7 + 3 = 10, not 8
+
+
 def test_after_oom_runs_only_after_a_failed_try():
     gpu = FakeGPU(capacity=5 * PER_SEQUENCE)
     cleaned = []
     search = autobatch.largest_fitting(fake_step(gpu, [], []), [1, 2, 4, 8, 16], after_oom=lambda: cleaned.append(1))
-    assert search.size == 4 and len(cleaned) == sum(not fitted for _, fitted in search.tries) == 2
+    assert search.size == 4 and len(cleaned) == sum(not fitted for _, fitted in search.tries) == 1
 
 
 def test_nothing_fits_gives_size_zero():
     search = autobatch.largest_fitting(fake_step(FakeGPU(capacity=0), [], []), [1, 2, 4])
-    assert search.size == 0 and search.tries == [(2, False), (1, False)]
+    assert search.size == 0 and search.tries == [(1, False)]
 
 
 @pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access was encountered"),
@@ -257,7 +274,7 @@ def test_a_run_with_auto_trains_as_the_size_it_picked_and_resumes_with_it(tmp_pa
     assert (auto["batch_size"], auto["grad_accum"]) == (2, 4)
     line = [r.message for r in caplog.records if r.message.startswith("batch_size=auto")]
     assert line == ["batch_size=auto: 2 sequences per micro-step x 4 micro-steps x 1 processes = global_batch_size 8 "
-                    "(tried 4 OOM, 2 ok)"]  # once
+                    "(tried 1 ok, 4 OOM, 2 ok)"]  # once
     assert weights(tmp_path / "auto")["resume"]["batch_size"] == 2
 
     # the search left no trace in the run: the same weights as batch_size=2 given by hand
@@ -314,3 +331,14 @@ def compose_train(overrides: list[str]):
     from nanogpt.runs.preflight import to_train_config
 
     return to_train_config(compose("train", overrides))
+
+
+def test_a_run_that_runs_out_later_is_told_to_set_a_number():
+    """The trial steps fitted and the run did not (fragmentation, evaluation): one line with the way out."""
+    from nanogpt.parallel.memory import out_of_memory_error
+
+    config = compose_train(["batch_size=auto", "global_batch_size=480", "block_size=64"])
+    line = str(out_of_memory_error(config, "CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
+    assert line == ("the run ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) with the micro-batch "
+                    "batch_size=auto picked (its log names it) x block_size=64: set batch_size to a number below it "
+                    "(global_batch_size keeps the global batch)")
