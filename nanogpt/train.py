@@ -203,6 +203,13 @@ def auto_batch_size(config: TrainConfig, data_meta: dict, env: DistEnv, device: 
     is drawn, so an exact resume needs it); a new run tries training steps (parallel/autobatch.py)."""
     recorded = ((resume_from or {}).get("resume") or {}).get("batch_size")
     if recorded is not None:
+        if config.global_batch_size % (recorded * env.world_size):
+            counts = [n for n in range(1, config.global_batch_size // recorded + 1)
+                      if config.global_batch_size % (recorded * n) == 0]
+            raise UserError(
+                f"the run picked batch_size={recorded} at its start (batch_size=auto), and its global batch of "
+                f"{config.global_batch_size} is not a whole number of micro-batches on {env.world_size} processes: "
+                f"continue it on {', '.join(map(str, counts))} processes (it keeps its micro-batch, for its data order)")
         if env.is_main:
             log.info(f"batch_size=auto: {recorded} sequences per micro-step, as the run chose at its start")
         return recorded

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,8 +166,33 @@ def test_the_accumulation_keeps_the_global_batch(global_batch, world_size, limit
     assert search.size * accumulation * world_size == global_batch
 
 
-def test_ranks_agree_on_the_smallest_size():
+def _agree_as_rank(rank: int, store_file: str, found: list[int], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=len(found))
+    try:
+        env = DistEnv(rank=rank, world_size=len(found))
+        (Path(out_dir) / str(rank)).write_text(str(autobatch.agree(found[rank], env)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_smallest_size(tmp_path):
     assert autobatch.agree(24, DistEnv()) == 24
+    found = [40, 24, 30]  # what each rank's own search found (another GPU, another neighbour)
+    torch.multiprocessing.spawn(_agree_as_rank, args=(str(tmp_path / "store"), found, str(tmp_path)), nprocs=3)
+    assert [int((tmp_path / str(rank)).read_text()) for rank in range(3)] == [24, 24, 24]
+
+
+def test_a_resumed_run_keeps_its_micro_batch_or_says_on_how_many_processes_it_can():
+    from nanogpt.errors import UserError
+    from nanogpt.train import auto_batch_size
+
+    config = compose_train(["batch_size=auto", "global_batch_size=24"])
+    picked = {"resume": {"batch_size": 4}}
+    assert auto_batch_size(config, {}, DistEnv(world_size=2), None, picked) == 4  # 4 x 3 x 2: no search
+    with pytest.raises(UserError, match=r"picked batch_size=4 .* on 4 processes: continue it on 1, 2, 3, 6 processes"):
+        auto_batch_size(config, {}, DistEnv(world_size=4), None, picked)
 
 
 # --- the config: batch_size is a number or auto, and nothing else ---------------------------------
