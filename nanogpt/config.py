@@ -154,6 +154,9 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
 
 
+AUTO = "auto"  # batch_size=auto: the largest micro-batch that fits (nanogpt/parallel/autobatch.py)
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -303,9 +306,6 @@ def check_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"hardware.peak_flops={c.hardware.peak_flops} must be positive, or null")
     if c.logger.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"logger.mode={c.logger.mode!r} must be online, offline, disabled or null")
-
-
-AUTO = "auto"  # batch_size=auto
 
 
 def check_batch_size(c: TrainConfig) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 import traceback
-from dataclasses import replace
 from typing import Any
 
 from hydra.experimental.callback import Callback
