@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from nanogpt.cli import hydra_entrypoint
-from nanogpt.config import BenchConfig, check_world_size, config_dir
+from nanogpt.config import AUTO, BenchConfig, check_world_size, config_dir
 from nanogpt.errors import ConfigError, user_errors
 from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
 from nanogpt.train import build_training, optimizer_step
@@ -23,28 +23,18 @@ from nanogpt.train import build_training, optimizer_step
 log = logging.getLogger("nanogpt")
 
 
-class RandomTokens:
-    """Batches of uniformly random tokens: benchmarks without a dataset (bench.real_data=false)."""
-
-    def __init__(self, vocab_size: int, block_size: int, batch_size: int, device: str, generator):
-        self.shape, self.vocab_size, self.device, self.generator = (batch_size, block_size), vocab_size, device, generator
-
-    def next_batch(self):
-        import torch
-
-        xy = torch.randint(self.vocab_size, (self.shape[0], self.shape[1] + 1), generator=self.generator)
-        return xy[:, :-1].contiguous().to(self.device), xy[:, 1:].contiguous().to(self.device)
-
-
 def run_benchmark(config: BenchConfig) -> dict:
     import torch
 
-    from nanogpt.data.batches import RandomWindows
+    from nanogpt.data.batches import RandomTokens, RandomWindows
     from nanogpt.parallel import hardware
 
     b = config.bench
     if b.steps < 1 or b.warmup_steps < 0:
         raise ConfigError(f"bench.steps={b.steps} must be >= 1 and bench.warmup_steps={b.warmup_steps} >= 0")
+    if config.batch_size == AUTO:  # one number is what a benchmark times
+        raise ConfigError("nanogpt-bench times the batch_size it is given: set a number (nanogpt-train batch_size=auto "
+                          "logs the one it picks)")
     if b.real_data:
         data_meta = check_data_and_vocab(config)
     else:

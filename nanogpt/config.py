@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import II, MISSING, OmegaConf
 
@@ -158,6 +158,9 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
 
 
+AUTO = "auto"  # batch_size=auto: the largest micro-batch that fits (nanogpt/parallel/autobatch.py)
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,7 +172,10 @@ class TrainConfig:
     # a run dir or checkpoint file of ours | a nanoGPT ckpt.pt
     init_from: str = "scratch"
     seed: int = 1337
-    batch_size: int = 12  # sequences per micro-step, per process
+    # sequences per micro-step, per process: a number, or auto (CUDA only): the largest that fits the
+    # GPU and divides global_batch_size / processes, found by trying training steps (parallel/autobatch.py).
+    # Typed Any, as OmegaConf has no int-or-"auto" type: check_train_config refuses anything else.
+    batch_size: Any = 12
     block_size: int = II("model.block_size")  # training context length; at most model.block_size
     # sequences per optimizer step, over all processes; gradient accumulation is derived from it:
     # global_batch_size / (batch_size x processes). None: batch_size x processes (no accumulation)
@@ -260,7 +266,8 @@ def check_train_config(c: TrainConfig) -> None:
             f"block_size={c.block_size} exceeds model.block_size={c.model.block_size}: "
             f"lower block_size or raise model.block_size"
         )
-    for key in ("block_size", "batch_size", "eval_interval", "eval_iters", "log_interval"):
+    check_batch_size(c)
+    for key in ("block_size", "eval_interval", "eval_iters", "log_interval"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key}={getattr(c, key)} must be at least 1")
     if c.global_batch_size is not None and c.global_batch_size < 1:
@@ -305,14 +312,41 @@ def check_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"logger.mode={c.logger.mode!r} must be online, offline, disabled or null")
 
 
-def check_world_size(c: TrainConfig, world_size: int) -> int:
+def check_batch_size(c: TrainConfig) -> None:
+    """batch_size is a positive whole number, or auto with a global batch to keep."""
+    b = c.batch_size
+    if b == AUTO:
+        if c.global_batch_size is None:
+            raise ConfigError(
+                "batch_size=auto picks the micro-batch that fits the GPU and derives gradient accumulation from "
+                "global_batch_size, which is not set: set global_batch_size (sequences per optimizer step over all "
+                "processes, e.g. global_batch_size=480), or a number for batch_size"
+            )
+        return
+    if isinstance(b, bool) or not isinstance(b, int):
+        raise ConfigError(f"batch_size={b} is not a batch size: set a whole number of sequences per micro-step "
+                          f"(e.g. batch_size=12) or batch_size=auto (CUDA: the largest that fits)")
+    if b < 1:
+        raise ConfigError(f"batch_size={b} must be at least 1")
+
+
+def check_world_size(c: TrainConfig, world_size: int) -> int | None:
     """The rules that depend on the number of processes. Returns the micro-steps per optimizer
-    step that make up the global batch on world_size processes."""
+    step that make up the global batch on world_size processes; None for batch_size=auto, whose
+    accumulation follows from the micro-batch the search picks (check_world_size again with it)."""
     if c.eval_iters % world_size:
         raise ConfigError(
             f"eval_iters={c.eval_iters} is not a multiple of the {world_size} processes (each evaluates an equal "
             f"share): set eval_iters={max(1, round(c.eval_iters / world_size)) * world_size}"
         )
+    if c.batch_size == AUTO:
+        if c.global_batch_size % world_size:
+            raise ConfigError(
+                f"global_batch_size={c.global_batch_size} is not a multiple of the {world_size} processes (with "
+                f"batch_size=auto each runs an equal share): set global_batch_size="
+                f"{max(1, round(c.global_batch_size / world_size)) * world_size}"
+            )
+        return None
     per_micro_step = c.batch_size * world_size
     if c.global_batch_size is None:
         return 1

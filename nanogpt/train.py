@@ -25,9 +25,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import hydra_entrypoint
-from nanogpt.config import NonFinite, TrainConfig, check_world_size, config_dir
+from nanogpt.config import AUTO, NonFinite, TrainConfig, check_world_size, config_dir
 from nanogpt.errors import UserError, user_errors
-from nanogpt.parallel import distributed, launch
+from nanogpt.parallel import autobatch, distributed, launch
 from nanogpt.parallel.distributed import DistEnv
 from nanogpt.runs import from_nanogpt
 from nanogpt.runs.failures import as_user_error, interrupted, last_checkpoint_words
@@ -196,6 +196,72 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
     return Step(loss_sum, grad_norm, (x, y), applied, not go_on)
 
 
+def auto_batch_size(config: TrainConfig, data_meta: dict, env: DistEnv, device: str | None, resume_from: dict | None
+                    ) -> int:
+    """batch_size=auto: the micro-batch this run steps with, the same on every rank. A continued
+    run keeps the one its checkpoint recorded (the micro-batch decides how the shared batch stream
+    is drawn, so an exact resume needs it); a new run tries training steps (parallel/autobatch.py)."""
+    recorded = ((resume_from or {}).get("resume") or {}).get("batch_size")
+    if recorded is not None:
+        if config.global_batch_size % (recorded * env.world_size):
+            counts = [n for n in range(1, config.global_batch_size // recorded + 1)
+                      if config.global_batch_size % (recorded * n) == 0]
+            raise UserError(
+                f"the run picked batch_size={recorded} at its start (batch_size=auto), and its global batch of "
+                f"{config.global_batch_size} is not a whole number of micro-batches on {env.world_size} processes: "
+                f"continue it on {', '.join(map(str, counts))} processes (it keeps its micro-batch, for its data order)")
+        if env.is_main:
+            log.info(f"batch_size=auto: {recorded} sequences per micro-step, as the run chose at its start")
+        return recorded
+    search, where = _search_micro_batch(config, data_meta, device, env.world_size,
+                                        ddp=env.is_distributed and not config.hardware.fsdp)
+    chosen = autobatch.agree(search.size, env)
+    if chosen < 1:
+        raise autobatch.nothing_fits(config, where)
+    if env.is_main:
+        accum = check_world_size(replace(config, batch_size=chosen), env.world_size)
+        log.info(autobatch.describe(search, chosen, accum, config.global_batch_size, env.world_size))
+    return chosen
+
+
+def _search_micro_batch(config: TrainConfig, data_meta: dict, device: str | None, world_size: int, ddp: bool
+                        ) -> tuple[autobatch.Search, str]:
+    """The search on this process's GPU, with a model and optimizer of its own that are freed before
+    the run builds its own (from the seed, as if no search had run). The steps are eager: compiled
+    steps usually need less memory, so an eager fit fits compiled too, without compiling once per size."""
+    import torch
+
+    from nanogpt.data.batches import RandomTokens
+
+    probe_config = replace(config, batch_size=1, hardware=replace(config.hardware, compile=False, peak_flops=1.0))
+    t = build_training(probe_config, data_meta, DistEnv(), device)
+    where = f"{t.hw.device} ({torch.cuda.get_device_name(t.hw.device)})" if t.hw.device_type == "cuda" else t.hw.device
+    # DDP keeps a second copy of the gradients in its buckets: the trial steps run beside as much
+    buckets = [torch.empty_like(p) for p in t.raw_model.parameters()] if ddp else []
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def try_size(size: int) -> None:
+        batches = RandomTokens(t.raw_model.config.vocab_size, config.block_size, size, t.hw.device, generator)
+        optimizer_step(t, batches, batches.next_batch(), 1, config.optim.grad_clip, NonFinite.skip)
+
+    def fresh_scaler() -> torch.amp.GradScaler:
+        # fp16: a scale of 1 does not overflow, so the first trial step is applied and makes the
+        # optimizer's state, which every later trial step must run beside (as the run's steps do)
+        return torch.amp.GradScaler(t.hw.device_type, init_scale=1.0, enabled=t.hw.use_grad_scaler)
+
+    def after_oom() -> None:  # a step cut short leaves gradients, and perhaps the scaler's unscale_, half done
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler = fresh_scaler()
+
+    t.scaler = fresh_scaler()
+
+    search = autobatch.largest_fitting(try_size, autobatch.candidate_sizes(config.global_batch_size, world_size),
+                                       after_oom)
+    del t, buckets, try_size, after_oom
+    autobatch.release_memory()
+    return search, where
+
+
 @dataclass
 class Progress:
     """Where a run is: saved in each checkpoint, restored on resume."""
@@ -208,7 +274,8 @@ class Progress:
 
 
 def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optimizer_state: dict, train_batches,
-                       rng_states: list, global_batch: int, data_meta: dict, resolved_config: dict) -> dict:
+                       rng_states: list, global_batch: int, data_meta: dict, resolved_config: dict,
+                       batch_size: int) -> dict:
     """What a checkpoint of a training run holds (see nanogpt/runs/checkpoint.py)."""
     from nanogpt.runs import checkpoint
 
@@ -228,6 +295,7 @@ def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optim
             # the shared stream, and the global batch drawn ahead of it (its first micro-batch is in flight)
             "data": train_batches.state_dict(include_last=True),
             "global_batch_size": global_batch,
+            "batch_size": batch_size,  # the micro-batch, which batch_size=auto chose: a continued run keeps it
             "skipped_steps": progress.skipped_steps,
             "wandb_run_id": progress.wandb_run_id,
         },
@@ -317,6 +385,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     if env.is_main and not config.eval_only and resume_from is None:
         for warning in schedule_warnings(config.optim, config.max_iters):
             log.warning(warning)
+    if config.batch_size == AUTO:
+        config = replace(config, batch_size=auto_batch_size(config, data_meta, env, device, resume_from))
     accum = check_world_size(config, env.world_size)
     global_batch = config.batch_size * env.world_size * accum
     t = build_training(config, data_meta, env, device)
@@ -378,7 +448,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                 if not all_finite(model_state):  # never write NaN weights over a good checkpoint
                     raise NonFiniteStep(f"the weights are not finite at step {progress.step}; nothing was saved")
                 payload = checkpoint_payload(t, progress, model_state, optimizer_state, train_batches, rng_states,
-                                             global_batch, data_meta, resolved_config)
+                                             global_batch, data_meta, resolved_config, config.batch_size)
                 checkpoints.save(payload, progress.step, improved)
             except Exception as e:
                 failure = e
@@ -479,6 +549,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
         metrics.close()
 
     result = {"step": progress.step, "stopped_by": stopped_by, "startup_seconds": clock.seconds(),
+              "batch_size": config.batch_size, "grad_accum": accum,
               **{f"{k}_loss": v for k, v in last_eval.items()}}
     if stopped_by is None and progress.step > 0 and not eval_only:
         result["best_val_loss"] = progress.best_val_loss
@@ -553,13 +624,15 @@ def _main(cfg: DictConfig) -> dict:
                 raise
             raise mapped from e
         startup = result.get("startup_seconds")  # None if the run was stopped before it measured it
+        # this start's micro-batch and accumulation: what batch_size=auto chose, beside the config that says auto
+        chosen = {k: result.get(k) for k in ("batch_size", "grad_accum")}
         if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
             if record:
-                record.finish("preempted", startup_seconds=startup)
+                record.finish("preempted", startup_seconds=startup, **chosen)
             hand_over(result["stopped_by"])  # in a submitit job: requeue it (exits)
             sys.exit(128 + int(result["stopped_by"]))
         if record:
-            record.finish("done", startup_seconds=startup)
+            record.finish("done", startup_seconds=startup, **chosen)
         return result
 
 

@@ -103,3 +103,15 @@ class RandomWindows:
         self.generator.set_state(gen_state)
         self._drawn = state.get("pending", torch.empty(0, dtype=torch.int64)).clone()
         self._last = torch.empty(0, dtype=torch.int64)
+
+
+class RandomTokens:
+    """Batches of uniformly random tokens: benchmarks without a dataset (bench.real_data=false), and
+    batch_size=auto's trial steps (nanogpt/parallel/autobatch.py)."""
+
+    def __init__(self, vocab_size: int, block_size: int, batch_size: int, device: str, generator):
+        self.shape, self.vocab_size, self.device, self.generator = (batch_size, block_size), vocab_size, device, generator
+
+    def next_batch(self):
+        xy = torch.randint(self.vocab_size, (self.shape[0], self.shape[1] + 1), generator=self.generator)
+        return xy[:, :-1].contiguous().to(self.device), xy[:, 1:].contiguous().to(self.device)

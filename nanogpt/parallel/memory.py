@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.config import Position, TrainConfig
+from nanogpt.config import AUTO, Position, TrainConfig
 from nanogpt.errors import ConfigError, UserError
 
 GIB = 1024**3
@@ -93,10 +93,11 @@ def fitting_batch_size(config: TrainConfig, step: StepMemory, room: int) -> int:
     return max(0, (room - step.state) // per_sequence) if per_sequence else config.batch_size
 
 
-def _advice(config: TrainConfig, fits: int) -> str:
+def _advice(config: TrainConfig, fits: int, auto: bool = False) -> str:
     if fits < 1:
         return "the model itself does not fit: pick a smaller model (or more devices with hardware.fsdp=true)"
-    return (f"lower batch_size (at most about {fits} fit), and keep the global batch with global_batch_size, "
+    search = " (on a GPU, batch_size=auto finds the largest that fits by trying steps)" if auto else ""
+    return (f"lower batch_size (at most about {fits} fit{search}), and keep the global batch with global_batch_size, "
             f"which accumulates gradients over micro-batches; or lower block_size")
 
 
@@ -116,13 +117,19 @@ def check_fits(config: TrainConfig, vocab_size: int, device: str, dtype_bytes: i
         f"a training step needs at least {step.total / GIB:.1f} GiB{each} ({step.state / GIB:.2f} GiB of weights, "
         f"gradients and optimizer state, {step.activations / GIB:.1f} GiB of activations for batch_size="
         f"{config.batch_size} x block_size={config.block_size}), and {where} has {free / GIB:.1f} GiB available: "
-        + _advice(config, fitting_batch_size(config, step, share))
+        + _advice(config, fitting_batch_size(config, step, share), auto=device.startswith("cuda"))
     )
 
 
 def out_of_memory_error(config: TrainConfig, detail: str) -> UserError:
     """The one line for a step that ran out of memory although the estimate let it through."""
     first = detail.strip().splitlines()[0] if detail.strip() else "out of memory"
+    if config.batch_size == AUTO:  # the trial steps fitted, the run did not (fragmentation, evaluation)
+        return UserError(
+            f"the run ran out of memory ({first[:200]}) with the micro-batch batch_size=auto picked (its log names "
+            f"it) x block_size={config.block_size}: set batch_size to a number below it (global_batch_size keeps "
+            f"the global batch)"
+        )
     return UserError(
         f"the run ran out of memory ({first[:200]}) with batch_size={config.batch_size} x block_size="
         f"{config.block_size}: lower batch_size, and keep the global batch with global_batch_size (it "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 import traceback
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from nanogpt.config import TrainConfig, check_train_config, check_world_size, site_dirs, to_object
+from nanogpt.config import AUTO, TrainConfig, check_train_config, check_world_size, site_dirs, to_object
 from nanogpt.errors import ConfigError, UserError, user_errors
 from nanogpt.parallel.distributed import detect, planned_world_size, shared_store
 from nanogpt.runs.resume import plan_run, replace_task_config
@@ -53,10 +54,10 @@ def check_init_from(config: TrainConfig) -> None:
 
 
 def check_hardware(config: TrainConfig) -> None:
-    """The device the config asks for exists, and the dtype works there."""
-    from nanogpt.parallel import hardware
+    """The device the config asks for exists, and the dtype works there (and batch_size=auto can search it)."""
+    from nanogpt.parallel import autobatch, hardware
 
-    hardware.resolve(config.hardware)
+    autobatch.check_device(config, hardware.resolve(config.hardware).device_type)
 
 
 def check_optimizer(config: TrainConfig) -> None:
@@ -110,6 +111,8 @@ def check_memory(config: TrainConfig, data_meta: dict) -> None:
     hw = hardware.resolve(config.hardware)
     vocab = config.model.vocab_size or data_meta["vocab_size"]
     sharing = planned_world_size(config.hardware) if hw.device_type == "cpu" else 1  # GPUs: one per process
+    if config.batch_size == AUTO:  # the search finds the size; one sequence must fit, at least
+        config = replace(config, batch_size=1)
     memory.check_fits(config, vocab, hw.device, hw.dtype.itemsize, processes=sharing)
 
 

@@ -4,7 +4,8 @@
     nanogpt-report multirun/2026-11-22/10-00-00 --sort final_val_loss
 
 Every run dir under the given dir (a sweep's job dirs, or any dir of run dirs) is one row: the
-command-line overrides that differ between runs (those all runs share are printed once), status, best and final val loss, tokens/s, wall time and restarts, read
+command-line overrides that differ between runs (those all runs share are printed once), status, best and final val loss, tokens/s, wall time, restarts
+and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose), read
 from what the run wrote (`.hydra/overrides.yaml`, `provenance.json`, `metrics.jsonl`). Rows are
 sorted by the metric, runs without it last. The plot shows val loss against step for every run,
 and for a sweep over one parameter, the final val loss against that parameter.
@@ -25,7 +26,8 @@ from nanogpt.runs.runfiles import RunFileError, read_json, read_jsonl, read_yaml
 # a run file that cannot be read: the report goes on without what it would add
 REPORT_FIX = "restore it from a copy of the run, or move it aside (the report then goes without it)"
 
-COLUMNS = ("job", "overrides", "status", "best_val_loss", "final_val_loss", "step", "tokens_per_s", "wall_s", "restarts")
+COLUMNS = ("job", "overrides", "status", "best_val_loss", "final_val_loss", "step", "tokens_per_s", "wall_s", "restarts",
+           "micro_batch")
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -55,9 +57,19 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
         "tokens_per_s": round(statistics.median(speeds)) if speeds else None,
         "wall_s": record.get("wall_seconds"),
         "restarts": len(record.get("resumes", [])),
+        "micro_batch": _micro_batch([record, *record.get("resumes", [])]),
         "curve": [(e["step"], e["val_loss"]) for e in evals],
         "override_values": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("hydra.", "+", "~"))),
     }
+
+
+def _micro_batch(starts: list[dict]) -> str | None:
+    """Sequences per micro-step x micro-steps per optimizer step, as the newest start that ended ran
+    them (what batch_size=auto chose); None until one has ended."""
+    for start in reversed(starts):
+        if isinstance(start.get("batch_size"), int) and isinstance(start.get("grad_accum"), int):
+            return f"{start['batch_size']} x {start['grad_accum']}"
+    return None
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
