@@ -541,6 +541,7 @@ def cleanup_cuda() -> None:
 
     import torch
 
+    torch.compiler.reset()  # compiled graphs hold on to their model and its buffers
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -672,7 +673,7 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
               "environment": env, "checks": checks}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
-    echo(f"{'all checks passed' if report['passed'] else str(counts['FAIL']) + ' check(s) FAILED'} "
+    echo(f"{'no check failed' if report['passed'] else str(counts['FAIL']) + ' check(s) FAILED'} "
          f"({counts['PASS']} passed, {counts['SKIP']} skipped): {out / 'report.md'}, {out / 'report.json'}")
     return 0 if report["passed"] else 1
 

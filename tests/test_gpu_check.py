@@ -120,11 +120,17 @@ def test_cpu_run_writes_the_markdown_tables(cpu_report):
 
 
 @pytest.mark.slow
-def test_exit_0_when_every_check_passes_and_each_run_gets_its_own_report(tmp_path):
-    skip = ",".join(name for name in CHECK_NAMES if name != "kv_cache")
-    results = [run_cli("nanogpt.gpu_check", "--device", "cpu", "--skip", skip, cwd=tmp_path) for _ in range(2)]
+def test_exit_0_when_no_check_fails_and_each_run_gets_its_own_report(tmp_path):
+    """Passed and skipped checks only: exit 0. Data that cannot be had skips the Shakespeare run, saying why."""
+    skip = ",".join(name for name in CHECK_NAMES if name not in ("kv_cache", "shakespeare"))
+    missing = tmp_path / "nowhere" / "input.txt"
+    results = [run_cli("nanogpt.gpu_check", "--device", "cpu", "--skip", skip, "--data-source", str(missing),
+                       cwd=tmp_path) for _ in range(2)]
     for result in results:
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "all checks passed (1 passed, 7 skipped)" in result.stdout
+        assert "no check failed (1 passed, 7 skipped)" in result.stdout
     runs = reports(tmp_path / "gpu_check")  # the default --out
     assert len(runs) == 2 and all((run / "report.json").is_file() and (run / "report.md").is_file() for run in runs)
+    shakespeare = json.loads((runs[0] / "report.json").read_text())["checks"][3]
+    assert shakespeare["status"] == "SKIP" and "tiny Shakespeare is not reachable" in shakespeare["reason"]
+    assert str(missing) in shakespeare["reason"] and "--data-source" in shakespeare["reason"]
