@@ -510,8 +510,10 @@ def sdpa_backends(device: str) -> dict:
                 found[name] = "yes"
             except RuntimeError as e:
                 # torch says why a backend cannot run in its warnings; the error itself only says none could
-                why = [str(w.message) for w in said if "sdp" in str(w.message).lower() or "attention" in str(w.message).lower()]
-                found[name] = "no: " + (why[0] if why else str(e)).strip().splitlines()[0][:160]
+                # ("... kernel not used because:", then one warning per reason)
+                why = [str(w.message).strip().splitlines()[0] for w in said]
+                why = [w for w in why if not w.endswith("because:")] or [str(e).strip().splitlines()[0]]
+                found[name] = "no: " + "; ".join(why)[:240]
     return found
 
 
@@ -580,6 +582,9 @@ def report_dir(root: Path) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise UserError(f"--out {root}: cannot make a report dir there ({e.strerror or e}): "
+                            f"give a folder you can write to") from e
     raise UserError(f"--out {root}: could not make a new report dir in it")
 
 
@@ -651,7 +656,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nanogpt-gpu-check: no CUDA GPU visible (torch {torch.__version__}, CUDA build "
               f"{torch.version.cuda or 'none'}): nothing to check here; run it on a machine with an NVIDIA GPU")
         sys.exit(0)
-    sys.exit(run(args))
+    try:
+        sys.exit(run(args))
+    except UserError as e:
+        exit_with_error(e)
 
 
 def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:

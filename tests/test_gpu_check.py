@@ -48,6 +48,12 @@ def test_an_unknown_check_name_is_a_one_line_error_before_anything_runs(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unwritable_out_is_a_one_line_error(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = run_cli("nanogpt.gpu_check", "--device", "cpu", "--out", "taken/reports", cwd=tmp_path)
+    assert_one_line_error(result, "--out taken/reports", "give a folder you can write to")
+
+
 def test_a_report_never_overwrites_an_earlier_one(tmp_path):
     first, second = gpu_check.report_dir(tmp_path), gpu_check.report_dir(tmp_path)
     assert first != second and first.is_dir() and second.is_dir()
