@@ -45,11 +45,11 @@ SCHEMA = "nanogpt-gpu-check/1"
 SIZES = {
     "full": dict(bench=["model=gpt2", "model.vocab_size=50304", "block_size=1024"], bench_batch_size=None,
                  bench_steps=20, bench_warmup=10, run_model=["model=shakespeare_char", "block_size=256"],
-                 run_batch_size=32, train_iters=300, resume_iters=150, min_loss_drop=1.0, kv_tokens=64),
+                 run_batch_size=32, train_iters=300, resume_iters=150, min_loss_drop=1.0, kv_tokens=260),
     "tiny": dict(bench=["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64",
                         "model.vocab_size=512"], bench_batch_size=4, bench_steps=3, bench_warmup=1,
                  run_model=["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"],
-                 run_batch_size=8, train_iters=60, resume_iters=60, min_loss_drop=0.3, kv_tokens=24),
+                 run_batch_size=8, train_iters=60, resume_iters=60, min_loss_drop=0.3, kv_tokens=64),
 }
 
 
@@ -269,6 +269,8 @@ def check_resume(ctx: Context) -> dict:
     dropping the sampler's state in train.restore), where 0 is asked."""
     import torch
 
+    from nanogpt.runs import checkpoint
+
     iters = ctx.args.resume_iters or ctx.size["resume_iters"]
     every = max(1, iters // 3)  # checkpoints at 1/3 and 2/3: the kill lands with a third of the run to go
     text = synthetic_text(ctx.work / "data" / "words.txt")
@@ -288,15 +290,19 @@ def check_resume(ctx: Context) -> dict:
                                f"checkpoint: {last_line(log_file)}; raise --resume-iters")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if not step_file.exists():
+            raise RuntimeError(f"the run wrote no checkpoint of step {every} in 600 s (log: {log_file})")
     killed_at = max(r["step"] for r in metrics(run_dir)) if metrics(run_dir) else 0
     run_train(ctx, "resume_killed", args)  # the same command again, as a requeued job: resume=auto
     resumed_line = [line for line in (ctx.work / "resume_killed.log").read_text().splitlines() if "resuming from" in line]
     if not resumed_line:
         raise RuntimeError("the second run did not resume from the killed run's checkpoint")
 
-    def weights(run: Path) -> torch.Tensor:
-        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
-        return torch.cat([state[k].float().flatten() for k in sorted(state)])
+    def weights(run: Path) -> torch.Tensor:  # every weight of the run's last checkpoint, checked against its checksum
+        payload = checkpoint.load_verified(checkpoint.find_in_run_dir(run, "last"), mmap=False)
+        if payload["step"] != iters:
+            raise RuntimeError(f"{run}'s last checkpoint is of step {payload['step']}, not {iters}")
+        return torch.cat([payload["model"][k].float().flatten() for k in sorted(payload["model"])])
 
     def distance(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm())
