@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -71,10 +71,10 @@ class Context:
     size: dict
     work: Path  # the report dir's work/: data, run dirs, logs
     gpus: int = 0
-    results: dict = field(default_factory=dict)
 
     @property
     def hardware(self) -> list[str]:
+        """The hardware overrides of every check: this device, TF32 on as the GPU recipes have it."""
         return [f"hardware.device={self.device}", "hardware.tf32=true"]
 
 
@@ -129,6 +129,7 @@ def run_train(ctx: Context, name: str, overrides: list[str], timeout: float = 60
 
 
 def last_line(path: Path) -> str:
+    """The line of a log that says what went wrong: its last error line, else its last line."""
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith(("error:", "RuntimeError", "torch.", "ValueError"))]
     return (errors or lines or ["(no output)"])[-1].strip()
@@ -154,7 +155,6 @@ def metrics(run_dir: Path) -> list[dict]:
 def bench(ctx: Context, compile_model: bool) -> dict:
     """GPT-2 124M training steps on random tokens in bf16 with fused AdamW: ms/iter, tokens/s, MFU."""
     from nanogpt.bench import run_benchmark
-
     from nanogpt.parallel import hardware
 
     config = bench_config(ctx, "bfloat16", compile_model)
