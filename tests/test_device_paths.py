@@ -94,10 +94,15 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 def test_fp16_grad_scaler_skips_an_overflowing_step_and_goes_on(tmp_path):
     """fp16's gradients overflow now and then; the scaler must skip that step, halve the scale and
     go on, never stop the run (on_nonfinite=stop is for a loss that is not finite)."""
+    reference, _, _ = built(tmp_path)  # float32, from the same seed: the same initial weights
     t, batches, _ = built(tmp_path, "hardware.dtype=float16")
     assert t.hw.dtype == torch.float16 and t.scaler.is_enabled()
-    step = optimizer_step(t, batches, batches.next_batch(), 1, 1.0, NonFinite.stop)
+    batch = batches.next_batch()
+    exact = optimizer_step(reference, batches, batch, 1, 1.0, NonFinite.stop)
+    step = optimizer_step(t, batches, batch, 1, 1.0, NonFinite.stop)
     assert step.applied
+    # the gradients were unscaled before clipping and the norm: fp16's norm is float32's, not 65536 times it
+    assert float(step.grad_norm) == pytest.approx(float(exact.grad_norm), rel=2e-2)
     scale = t.scaler.get_scale()
     param = t.raw_model.transformer.h[0].mlp.c_fc.weight
     before = param.detach().clone()
