@@ -177,7 +177,7 @@ def check_bench_eager(ctx: Context) -> dict:
 
 def check_fp16_scaler(ctx: Context) -> dict:
     """fp16 autocast with the GradScaler: the steps run, and the scaler does not skip step after step."""
-    from nanogpt.bench import RandomTokens
+    from nanogpt.data.batches import RandomTokens
     from nanogpt.train import build_training, optimizer_step
 
     steps = ctx.args.fp16_steps
@@ -396,7 +396,7 @@ def one_rank_steps(ctx: Context, fsdp: bool) -> dict:
     as build_training wraps it for several ranks."""
     import torch.distributed as dist
 
-    from nanogpt.bench import RandomTokens
+    from nanogpt.data.batches import RandomTokens
     from nanogpt.parallel import distributed
     from nanogpt.train import build_training, optimizer_step
 
