@@ -210,10 +210,11 @@ def failing_next_batch(self):
 RandomWindows.next_batch = failing_next_batch
 '''
 
-FAILURES = {  # how rank 1 fails: the exit code the launcher's error names, and what its log then holds
-    "exception": ('raise RuntimeError("injected failure on rank 1")', 1, "RuntimeError: injected failure on rank 1"),
+FAILURES = {  # how rank 1 fails: why the launcher's error says it failed, and what its log then holds
+    "exception": ('raise RuntimeError("injected failure on rank 1")', "RuntimeError: injected failure on rank 1",
+                  "RuntimeError: injected failure on rank 1"),
     # a crash in native code (torch, gloo): faulthandler writes the Python stacks into the rank's log
-    "segfault": ("os.kill(os.getpid(), signal.SIGSEGV)", -11, "Fatal Python error: Segmentation fault"),
+    "segfault": ("os.kill(os.getpid(), signal.SIGSEGV)", "exit code -11", "Fatal Python error: Segmentation fault"),
 }
 
 
@@ -221,7 +222,7 @@ FAILURES = {  # how rank 1 fails: the exit code the launcher's error names, and 
 @pytest.mark.parametrize("failure", FAILURES)
 def test_a_failure_on_one_rank_stops_every_rank_quickly(workspace, tmp_path, failure):
     cwd, base = workspace
-    statement, exit_code, in_log = FAILURES[failure]
+    statement, why, in_log = FAILURES[failure]
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1.format(failure=statement))  # imported by every process
@@ -233,11 +234,49 @@ def test_a_failure_on_one_rank_stops_every_rank_quickly(workspace, tmp_path, fai
     elapsed = time.monotonic() - started
     print(f"\n[failure] rank 1 failed ({failure}) in its 12th batch: the run ended in {elapsed:.1f} s (process start included)")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert f"rank 1 failed (exit code {exit_code}) and the others were stopped" in result.stderr.strip().splitlines()[-1]
+    assert f"rank 1 failed ({why}) and the others were stopped" in result.stderr.strip().splitlines()[-1]
     rank_log = (run_dir / "train.rank1.log").read_text()
     assert in_log in rank_log
     assert "failing_next_batch" in rank_log  # the stack says where
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
+
+
+def test_the_rank_named_for_a_failure_is_the_cause_not_a_peer_left_waiting():
+    """torch stamps failures to the second: rank 0, blocked in an all-reduce when rank 1 raised,
+    fails in the same second with a connection reset, and is not the one to name."""
+    from types import SimpleNamespace
+
+    from nanogpt.parallel.launch import first_failure
+
+    gloo = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:28584: Connection reset by peer."
+    failures = {0: SimpleNamespace(timestamp=100, message=gloo),
+                1: SimpleNamespace(timestamp=100, message="RuntimeError: injected failure on rank 1"),
+                2: SimpleNamespace(timestamp=101, message=gloo)}
+    assert first_failure(failures)[0] == 1
+    failures[1] = SimpleNamespace(timestamp=101, message="Signal 11 (SIGSEGV) received by PID 4242")  # no error file
+    assert first_failure(failures)[0] == 1
+    failures[1] = SimpleNamespace(timestamp=100, message=gloo)  # every rank lost its peer: the lowest
+    assert first_failure(failures)[0] == 0
+    assert first_failure({3: SimpleNamespace(timestamp=90, message="OOM"), 1: SimpleNamespace(timestamp=99, message="x")})[0] == 3
+
+
+def test_the_ranks_logs_name_the_cause_even_when_the_launcher_recorded_only_a_waiting_peer(tmp_path):
+    """The launcher may record only rank 0, which lost its peer before rank 1's process exited:
+    the ranks' own logs, to the millisecond, name rank 1 and its error."""
+    from types import SimpleNamespace
+
+    from nanogpt.parallel.launch import failed_first
+
+    gloo = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:28584: Connection reset by peer."
+    (tmp_path / "train.log").write_text(f"[2026-12-01 05:06:53,061][INFO][rank 0] iter 5\n"
+                                        f"[2026-12-01 05:06:53,062][ERROR][rank 0] rank 0 failed: {gloo}\n")
+    (tmp_path / "train.rank1.log").write_text("[2026-12-01 05:06:53,069][ERROR][rank 1] rank 1 failed: "
+                                              "RuntimeError: injected failure on rank 1\nTraceback ...\n")
+    launcher = {0: SimpleNamespace(timestamp=100, message=gloo, exitcode=1)}
+    assert failed_first(tmp_path, launcher) == (1, "RuntimeError: injected failure on rank 1")
+    (tmp_path / "train.rank1.log").write_text("Fatal Python error: Segmentation fault\n")  # a crash logs no error line
+    launcher[1] = SimpleNamespace(timestamp=100, message="Signal 11 (SIGSEGV) received by PID 4242", exitcode=-11)
+    assert failed_first(tmp_path, launcher) == (1, "exit code -11")
 
 
 # --- where a process finds its rank ---------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -96,7 +97,48 @@ def run_processes(train: Callable[..., dict], config: TrainConfig, run_dir: Path
     except SignalException as e:  # the launcher passed the signal on; the workers saved and stopped
         return {"step": None, "stopped_by": signal.Signals(e.sigval)}
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        where = run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
-        raise UserError(f"rank {rank} failed (exit code {failure.exitcode}) and the others were stopped: see {where}") from None
+        rank, why = failed_first(run_dir, e.failures)
+        raise UserError(f"rank {rank} failed ({why}) and the others were stopped: see {_rank_log(run_dir, rank)}") from None
     return results[0]
+
+
+def _rank_log(run_dir: Path, rank: int) -> Path:
+    return run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
+
+
+# What a rank reports when it failed only because another one died under it, mid-collective
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "communicator was aborted")
+FAILED_LINE = re.compile(r"^\[([\d:, -]+)\]\[ERROR\]\[rank (\d+)\] rank \d+ failed: (.*)$", re.M)
+
+
+def failed_first(run_dir: Path, failures: dict) -> tuple[int, str]:
+    """The rank that failed first and why, for a run whose workers the launcher stopped.
+
+    A rank blocked in a collective fails the moment its peer dies, often before the dying rank's
+    process has exited: the launcher may then record only that rank's failure, and it stamps
+    failures to the whole second. The ranks' own logs say it to the millisecond (_worker logs every
+    exception): the first logged error that is not a lost peer names the cause. A rank that died
+    without an exception (a crash in native code) logs none: the launcher's record names it."""
+    logged = []
+    for log_file in sorted(run_dir.glob("train*.log")):
+        try:
+            logged += FAILED_LINE.findall(log_file.read_text(errors="replace"))
+        except OSError:
+            continue
+    own = sorted((when, int(rank), error) for when, rank, error in logged if not any(w in error for w in PEER_GONE))
+    if own:
+        _, rank, error = own[0]
+        return rank, error
+    rank, failure = first_failure(failures)
+    return rank, f"exit code {failure.exitcode}"
+
+
+def first_failure(failures: dict) -> tuple[int, object]:
+    """The rank to name from the launcher's own {rank: ProcessFailure}, where no log names a cause.
+    Among the failures of the first second (give or take one: torch stamps them to the second), one
+    that did not fail for want of its peer; else the lowest rank of them."""
+    first = min(f.timestamp for f in failures.values())
+    early = sorted(rank for rank, f in failures.items() if f.timestamp - first <= 1)
+    own = [rank for rank in early if not any(words in str(failures[rank].message) for words in PEER_GONE)]
+    rank = (own or early)[0]
+    return rank, failures[rank]
