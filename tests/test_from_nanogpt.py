@@ -242,6 +242,7 @@ def test_the_docs_map_every_nanogpt_key():
         assert f"config/{name}.py" in text and f"experiment={experiment}" in text
 
 
+@pytest.mark.slow
 def test_init_from_a_nanogpt_out_dir_and_an_architecture_mismatch_in_one_try(workspace):
     cwd, data = workspace
     mismatch = run_cli("nanogpt.train", "init_from=out", "model=shakespeare_char", *data, "hydra.run.dir=mis", cwd=cwd)

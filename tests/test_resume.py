@@ -58,6 +58,7 @@ def workspace(tmp_path_factory):
     return cwd, data_dir, cwd / "straight"
 
 
+@pytest.mark.slow
 def test_stopped_by_sigterm_and_resumed_matches_the_run_that_never_stopped(workspace):
     cwd, data_dir, straight = workspace
     run = Training(cwd, *train_args(data_dir), "hydra.run.dir=sigterm")
@@ -81,6 +82,7 @@ def test_stopped_by_sigterm_and_resumed_matches_the_run_that_never_stopped(works
     assert "resume=" in (cwd / "sigterm" / ".hydra" / "resume-1" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_killed_after_a_checkpoint_and_rerun_resumes_by_itself(workspace):
     cwd, data_dir, straight = workspace
     args = [*train_args(data_dir), "hydra.run.dir=sigkill"]
@@ -123,6 +125,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_from_it(workspace):
     from nanogpt.runs.checkpoint import CheckpointDir
 
@@ -144,6 +147,7 @@ def test_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_from_it(w
     assert_same_run(cwd / "midsave", straight)
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(workspace):
     cwd, data_dir, straight = workspace
     run_dir = cwd / "corrupt"
@@ -228,6 +232,7 @@ def test_extending_a_finished_run_keeps_its_schedule_and_appends_to_its_wandb_ru
     assert "nothing to do: the run already reached max_iters=30" in again.stdout
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(workspace):
     require_mount_namespace("mount a small tmpfs")
     cwd, data_dir, _ = workspace

@@ -150,6 +150,7 @@ train.main()
 """
 
 
+@pytest.mark.slow
 def test_start_up_is_measured_and_a_stop_before_the_first_step_says_so(tmp_path):
     require_shakespeare()
     args = [*data_args(tmp_path), *TINY, "max_iters=2", "eval_interval=2"]

@@ -96,6 +96,7 @@ def test_checkpoint_holds_what_resume_and_sampling_need(char_run):
     assert json.loads(ckpt["config"])["model"]["n_embd"] == 128
 
 
+@pytest.mark.slow
 def test_sample_from_a_run_dir_is_seeded(char_run):
     cwd, run_dir, _ = char_run
     args = [f"init_from={run_dir}", "prompt=ROMEO:", "num_samples=2", "max_new_tokens=40"]
@@ -108,6 +109,7 @@ def test_sample_from_a_run_dir_is_seeded(char_run):
     assert sorted(p.name for p in cwd.iterdir()) == ["data", "outputs"]  # sampling wrote nothing
 
 
+@pytest.mark.slow
 def test_sample_prompt_from_file_and_missing_file(char_run, tmp_path):
     cwd, run_dir, _ = char_run
     (tmp_path / "prompt.txt").write_text("JULIET:\n")
@@ -118,6 +120,7 @@ def test_sample_prompt_from_file_and_missing_file(char_run, tmp_path):
     assert_one_line_error(missing, f"prompt_file=nope.txt ({cwd / 'nope.txt'}) does not exist")
 
 
+@pytest.mark.slow
 def test_finetune_from_our_run_dir(char_run, shakespeare_path):
     cwd, run_dir, _ = char_run
     result = run_cli("nanogpt.train", f"init_from={run_dir}", f"data.source={shakespeare_path}", "max_iters=5", "eval_interval=5", "eval_iters=2",
@@ -217,6 +220,7 @@ def tiny_hf_gpt2_dir(tmp_path):
     return tmp_path / "hf-gpt2"
 
 
+@pytest.mark.slow
 def test_eval_gpt2_recipe_on_local_weights(tmp_path, tiny_hf_gpt2_dir, shakespeare_path, gpt2_tiktoken):
     """The eval_gpt2 experiment, offline: local HF weights instead of the hub, Shakespeare instead of OWT."""
     result = run_cli("nanogpt.train", "experiment=eval_gpt2", f"init_from={tiny_hf_gpt2_dir}", "data=shakespeare",
