@@ -557,14 +557,12 @@ def error_line(e: BaseException) -> str:
 
 def cleanup_cuda() -> None:
     """Free one check's GPU memory (and compiled graphs) before the next."""
-    import gc
-
     import torch
 
+    from nanogpt.parallel import autobatch
+
     torch.compiler.reset()  # compiled graphs hold on to their model and its buffers
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    autobatch.release_memory()
 
 
 def summary(entry: dict) -> str:

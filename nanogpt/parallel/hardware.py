@@ -238,7 +238,7 @@ def measure_peak_flops(device: str, dtype: torch.dtype = torch.float32, trials: 
     n = 1024
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
-    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.split(":")[0], lambda: None)
+    sync = torch.get_device_module(device.split(":")[0]).synchronize  # waits for a GPU; a no-op on a CPU
     a @ b  # warm up kernels and caches
     sync()
     best = 0.0
