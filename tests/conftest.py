@@ -58,10 +58,16 @@ def compose(config_name: str = "train", overrides: list[str] | None = None, hydr
 
 
 def report_rows(stdout: str) -> list[list[str]]:
-    """The rows of the Markdown table nanogpt-report prints, each as its stripped cells (job,
-    overrides, status, best_val_loss, final_val_loss, ...)."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    """The rows of the per-run Markdown table nanogpt-report prints first (the tables of groups
+    follow it), each as its stripped cells (job, overrides, status, best_val_loss, final_val_loss, ...)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| job "))
+    rows = []
+    for line in lines[start + 2:]:  # past the header and its rule, to the table's end
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
 
 
 def assert_one_line_error(result, *fragments: str) -> str:

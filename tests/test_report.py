@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from conftest import SHAKESPEARE, require_shakespeare, run_cli
+from conftest import SHAKESPEARE, report_rows, require_shakespeare, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def test_the_report_has_a_row_per_job_sorted_by_val_loss_and_a_plot(sweep):
     cwd, sweep_dir = sweep
     result = run_cli("nanogpt.sweeps.report", str(sweep_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "overrides" not in line]
-    assert len(table) == 4 and all("| done |" in row for row in table)
+    table = report_rows(result.stdout)
+    assert len(table) == 4 and all(row[2] == "done" for row in table)
     with open(sweep_dir / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["job"] for r in rows) == ["0", "1", "2", "3"]
@@ -49,7 +49,10 @@ def test_the_report_has_a_row_per_job_sorted_by_val_loss_and_a_plot(sweep):
     assert all(int(r["step"]) == 6 and r["restarts"] == "0" and float(r["tokens_per_s"]) > 0 for r in rows)
     png = (sweep_dir / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    assert (sweep_dir / "report.md").read_text().count("\n") == 6  # header, rule, 4 rows
+    assert (sweep_dir / "report.md").read_text().startswith("\n".join(result.stdout.splitlines()[:6]) + "\n\n")
+    # two seeds of two learning rates: two groups of two
+    groups = report_rows(result.stdout.split("Runs that differ only by seed")[1].replace("| group ", "| job "))
+    assert sorted((g[0], g[1], g[2]) for g in groups) == [("optim.lr=0.001", "2", "2"), ("optim.lr=0.003", "2", "2")]
 
 
 def test_a_half_finished_sweep_is_reported_with_the_jobs_not_done_last(sweep, tmp_path):
@@ -64,10 +67,10 @@ def test_a_half_finished_sweep_is_reported_with_the_jobs_not_done_last(sweep, tm
     (partial / "4" / ".hydra" / "overrides.yaml").write_text("- optim.lr=0.01\n- seed=1\n")
     result = run_cli("nanogpt.sweeps.report", str(partial), "--sort", "final_val_loss", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "overrides" not in line]
+    rows = report_rows(result.stdout)
     assert len(rows) == 5
-    assert rows[-1].startswith("| 4 | optim.lr=0.01 seed=1 | not started |")
-    assert " - | - |" in rows[-2]  # job 1 has no losses yet
+    assert rows[-1][:3] == ["4", "optim.lr=0.01 seed=1", "not started"]
+    assert rows[-2][3:5] == ["-", "-"]  # job 1 has no losses yet
     # and how to finish it: the sweep's own command (from multirun.yaml), pinned to its dir
     hint = result.stdout.strip().splitlines()[-1]
     assert hint.startswith("not done: 4; to finish the sweep: nanogpt-train --multirun ")
@@ -75,12 +78,14 @@ def test_a_half_finished_sweep_is_reported_with_the_jobs_not_done_last(sweep, tm
 
 
 def test_a_one_parameter_sweep_plots_the_loss_against_it():
-    from nanogpt.sweeps.report import _swept_parameter
+    from nanogpt.sweeps.report import swept_parameter
 
     rows = [{"override_values": {"optim.lr": lr, "seed": "1"}} for lr in ("1e-3", "3e-3", "1e-2")]
-    assert _swept_parameter(rows) == "optim.lr"
+    assert swept_parameter(rows) == "optim.lr"
     rows[0]["override_values"]["seed"] = "2"
-    assert _swept_parameter(rows) is None  # two parameters vary: no single axis to plot against
+    assert swept_parameter(rows) == "optim.lr"  # seeds are averaged over: still one axis
+    rows[0]["override_values"]["model.n_layer"] = "2"
+    assert swept_parameter(rows) is None  # two parameters vary: no single axis to plot against
 
 
 def test_a_dir_without_runs_is_named(tmp_path):
