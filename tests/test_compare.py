@@ -107,3 +107,36 @@ def test_mistakes_are_named_in_one_line_before_any_run(tmp_path, args, message):
     assert not (tmp_path / "multirun").exists()  # nothing ran, no run dir was made
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert (tmp_path / "plain.md").read_text() == "# no markers\n"
+
+
+def test_the_experiments_are_compared_at_equal_cost_as_the_report_compares_groups(tmp_path):
+    """The report's comparison, with the experiments as groups and their repeats as runs: the
+    base recipe's val loss at the tokens, FLOPs and training seconds the new one reached, read off
+    between its evals; time to the experiments' target_val_loss; and the Pareto front."""
+    from nanogpt.sweeps.compare import at_equal_cost
+    from nanogpt.sweeps.curves import RunCurve, points_from
+
+    def run(name, repeat, losses, seconds_per_step, flops_per_token, target_val_loss=2.5):
+        evals = [{"step": 100 * i, "val_loss": loss, "tokens": 100 * i * 1000, "flops": 100 * i * 1000 * flops_per_token,
+                  "train_seconds": 100 * i * seconds_per_step} for i, loss in enumerate(losses)]
+        return Run(name, repeat, tmp_path / name / str(repeat), 0.0, [], 1000,
+                   costs=RunCurve(f"{name} repeat {repeat}", points_from(evals, 1000), target_val_loss=target_val_loss))
+
+    runs = [run("base", 0, [4.0, 3.0, 2.6, 2.4], 0.1, 10), run("base", 1, [4.0, 3.2, 2.8, 2.6], 0.1, 10),
+            run("new", 0, [4.0, 2.6, 2.3], 0.3, 20), run("new", 1, [4.0, 2.8, 2.5], 0.3, 20)]
+    text = at_equal_cost(runs, ["base", "new"], tmp_path / "compare_budgets.png")
+    lines = text.splitlines()
+    # new got least far in tokens (200 steps: 200,000) and training time (200 x 0.3 s), base in FLOPs
+    # (300 steps x 100,000 tokens... 3e6 at 10 FLOPs a token, where new, at 20, had done 150 steps)
+    assert lines[0] == ("| group | runs | val loss at 200,000 tokens | val loss at 3e+06 FLOPs | val loss at 30.0 s of "
+                        "training | FLOPs (final) | s of training (final) | Pareto front |")
+    base = [c.strip() for c in lines[2].strip("|").split("|")]
+    new = [c.strip() for c in lines[3].strip("|").split("|")]
+    # two repeats 0.2 apart: half the interval is t(0.975, 1) x 0.2 / 2 = 1.2706
+    assert base[:5] == ["base", "2", "2.7000 ± 1.2706", "2.5000 ± 1.2706", "2.5000 ± 1.2706"]
+    assert new[:5] == ["new", "2", "2.4000 ± 1.2706", "2.5500 ± 1.2706", "2.7000 ± 1.2706"]
+    assert base[-1] == "FLOPs, s of training" and new[-1] == "FLOPs, s of training"  # cheaper vs better
+    # time to target 2.5: base's repeat 0 at step 300, repeat 1 never; new's repeats at 200 and 200
+    assert "| base | 1 of 2 | 300 ± n/a |" in text and "| new | 2 of 2 | 200 ± 0 |" in text
+    assert (tmp_path / "compare_budgets.png").read_bytes().startswith(b"\x89PNG")
+    assert text.rstrip().endswith("](compare_budgets.png)")

@@ -12,9 +12,14 @@ comparison favours neither.
 For each experiment it reports the final val loss, steps, tokens, the wall time (median over
 repeats, with the range) and its ratio to the baseline's (the median of each repeat's ratio to the
 baseline run beside it), and the val loss it had reached by the time the baseline finished: the
-question "what does this recipe give in the same wall-clock?". It writes compare.md and
-compare.png (val loss against time and against tokens) to <out>; with --readme, it also puts the
-table and the plot into that markdown file, between the two `nanogpt-compare` marker lines.
+question "what does this recipe give in the same wall-clock?". Then, as nanogpt-report does for the
+groups of a sweep, each experiment's val loss at equal tokens, FLOPs and seconds of training
+(the least any run reached, mean and 95% interval over repeats), its time to the target val loss
+(where the experiments set target_val_loss), and the Pareto front of final val loss against cost.
+It writes compare.md, compare.png (val loss against time and against tokens) and
+compare_budgets.png (mean curves against training time and FLOPs, the Pareto front) to <out>; with
+--readme, it also puts the tables and the plots into that markdown file, between the two
+`nanogpt-compare` marker lines.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from nanogpt.config import config_dir, register_configs
 from nanogpt.errors import UserError, one_line
 from nanogpt.runs.preflight import check_hardware, check_optimizer, to_train_config
 from nanogpt.runs.runfiles import read_json, read_yaml
-from nanogpt.sweeps.report import read_metrics
+from nanogpt.sweeps import plots
+from nanogpt.sweeps.curves import RunCurve, points_from, tokens_per_step
+from nanogpt.sweeps.report import budget_section, read_metrics
 
 BEGIN = "<!-- nanogpt-compare: begin (everything up to the end marker is rewritten) -->"
 END = "<!-- nanogpt-compare: end -->"
@@ -49,6 +56,7 @@ class Run:
     curve: list[tuple[float, int, float]]  # (seconds since training began, step, val loss) of every eval
     tokens_per_step: int
     machine: dict = field(default_factory=dict)
+    costs: RunCurve | None = None  # its evals with tokens, FLOPs and training time: the comparisons at equal cost
 
     @property
     def final_val_loss(self) -> float:
@@ -119,9 +127,11 @@ def read_run(name: str, repeat: int, run_dir: Path, wall_s: float) -> Run:
         raise UserError(f"{run_dir} has no val loss: give its experiment an eval_interval below max_iters")
     config = read_yaml(run_dir / "config.resolved.yaml")
     provenance = read_json(run_dir / "provenance.json")
-    sequences = config.global_batch_size or config.batch_size * provenance.get("world_size", 1)
+    per_step = tokens_per_step(config, provenance)
+    costs = RunCurve(f"{name} repeat {repeat}", points_from(evals, per_step), target=provenance.get("target"),
+                     target_val_loss=config.get("target_val_loss"))
     return Run(name, repeat, run_dir, wall_s, [(e["time"], e["step"], e["val_loss"]) for e in evals],
-               sequences * config.block_size, provenance.get("machine", {}))
+               per_step, provenance.get("machine", {}), costs)
 
 
 def summarise(runs: list[Run], experiments: list[str]) -> list[dict]:
@@ -156,6 +166,17 @@ def describe_machine(machine: dict) -> str:
     if machine:
         return f"{machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} cores, {machine.get('torch_threads', '?')} torch threads"
     return "?"
+
+
+def at_equal_cost(runs: list[Run], experiments: list[str], image: Path | None = None) -> str:
+    """nanogpt-report's comparison at equal cost, with the experiments as its groups and their
+    repeats as the runs (all finished); the curves and the Pareto front drawn to image, if given
+    and a run logged FLOPs or training time."""
+    groups = {name: [r.costs for r in runs if r.experiment == name] for name in experiments}
+    text, _ = budget_section(groups, groups)
+    if image is not None and plots.budgets(groups, groups, image):
+        text += f"\n![val loss against training time and FLOPs, and the Pareto front]({image.name})\n"
+    return text
 
 
 def markdown(rows: list[dict], runs: list[Run], command: str, image: str | None) -> str:
@@ -272,18 +293,26 @@ def main(argv: list[str] | None = None) -> None:
         command = " ".join(["nanogpt-compare", *args.experiments, f"--repeats {args.repeats}",
                             *([f"--readme {args.readme}"] if args.readme else []), *(["--", *overrides] if overrides else [])])
         plot(runs, args.experiments, out / "compare.png")
-        (out / "compare.md").write_text(markdown(rows, runs, command, "compare.png"))
+        equal_cost = at_equal_cost(runs, args.experiments, out / "compare_budgets.png")
+        (out / "compare.md").write_text(markdown(rows, runs, command, "compare.png") + "\n" + equal_cost)
         if args.readme is not None:
             images = args.readme.parent / "images"
             images.mkdir(exist_ok=True)
             image = images / f"compare_{'_vs_'.join(args.experiments)}.png"
             shutil.copyfile(out / "compare.png", image)
-            write_into(args.readme, markdown(rows, runs, command, str(image.relative_to(args.readme.parent))))
+            if (out / "compare_budgets.png").is_file():
+                budgets_image = image.with_name(f"{image.stem}_budgets.png")
+                shutil.copyfile(out / "compare_budgets.png", budgets_image)
+                equal_cost = equal_cost.replace("](compare_budgets.png)",
+                                                f"]({budgets_image.relative_to(args.readme.parent)})")
+            write_into(args.readme, markdown(rows, runs, command, str(image.relative_to(args.readme.parent)))
+                       + "\n" + equal_cost)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print((out / "compare.md").read_text(), end="")
-    print(f"\nwritten: {out / 'compare.md'}, {out / 'compare.png'}" + (f", {args.readme}" if args.readme else ""))
+    written = [out / name for name in ("compare.md", "compare.png", "compare_budgets.png") if (out / name).is_file()]
+    print(f"\nwritten: {', '.join(map(str, written))}" + (f", {args.readme}" if args.readme else ""))
 
 
 if __name__ == "__main__":
