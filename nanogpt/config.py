@@ -180,7 +180,14 @@ class TrainConfig:
     # sequences per optimizer step, over all processes; gradient accumulation is derived from it:
     # global_batch_size / (batch_size x processes). None: batch_size x processes (no accumulation)
     global_batch_size: Optional[int] = None
-    max_iters: int = 2000  # optimizer steps
+    max_iters: int = 2000  # optimizer steps, unless one of the budgets below ends the run instead
+    # Budgets (at most one; nanogpt/runs/budgets.py): the run ends where it is spent, and the lr schedule's
+    # horizon (optim.decay_iters, when it is max_iters) follows it. None: max_iters ends the run.
+    max_tokens: Optional[float] = None  # tokens trained over all processes: ends at the last whole step within it
+    max_flops: Optional[float] = None  # training FLOPs (model.flops_per_token x tokens): likewise
+    max_time: Optional[str] = None  # training time, e.g. 90s, 30m, 2h (a number: seconds): ends after the step that spends it
+    target_val_loss: Optional[float] = None  # record the first evaluation at which val loss reaches this (time to target)
+    stop_at_target: bool = False  # and end the run there (with a checkpoint)
     eval_interval: int = 250  # evaluate (and save) every this many steps, and at the last step
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 1  # print and record a train line every this many steps
@@ -258,6 +265,43 @@ def check_model_config(m: ModelConfig, where: str = "model") -> None:
         raise ConfigError(f"{where}.attn_scale={m.attn_scale} must be positive, or null for 1 / sqrt(head size)")
 
 
+BUDGETS = ("max_tokens", "max_flops", "max_time")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(duration: str | float) -> float:
+    """A duration as max_time takes it: a number of seconds, or a number with a unit s, m, h or d
+    (90s, 30m, 1.5h, 2d). Raises ConfigError."""
+    text = str(duration).strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        value = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"max_time={duration} is not a positive duration: give seconds or a number with a unit "
+                          f"s, m, h or d (max_time=90s, max_time=30m, max_time=2h)")
+    return value
+
+
+def check_budgets(c: TrainConfig) -> None:
+    """At most one budget, each positive; the target a loss (nanogpt/runs/budgets.py)."""
+    given = [key for key in BUDGETS if getattr(c, key) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(f'{k}={getattr(c, k):g}' if k != 'max_time' else f'{k}={c.max_time}' for k in given)} each end the run, and the lr "
+                          f"schedule follows the budget: give one (the others are null)")
+    for key in ("max_tokens", "max_flops"):
+        value = getattr(c, key)
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError(f"{key}={value:g} must be positive, e.g. {key}=1e6 (or null: max_iters ends the run)")
+    if c.max_time is not None:
+        seconds(c.max_time)
+    if c.target_val_loss is not None and not c.target_val_loss > 0:
+        raise ConfigError(f"target_val_loss={c.target_val_loss} must be a positive loss, e.g. target_val_loss=1.5")
+    if c.stop_at_target and c.target_val_loss is None:
+        raise ConfigError("stop_at_target=true needs a target: set target_val_loss (e.g. target_val_loss=1.5)")
+
+
 def check_train_config(c: TrainConfig) -> None:
     """Cross-field rules that the schema's types cannot express. Raises ConfigError."""
     check_model_config(c.model)
@@ -284,6 +328,7 @@ def check_train_config(c: TrainConfig) -> None:
                           "reproduce=<run dir> starts it again in a fresh dir; pick one")
     if c.max_iters < 0:
         raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
+    check_budgets(c)
     o = c.optim
     if o.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name={o.name!r} is not known: use adamw or muon (optim=adamw, optim=muon)")

@@ -101,9 +101,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.step()
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig) -> float:
-    """Set every group's lr for this step; returns optim.lr's value (the one logged)."""
-    lr = learning_rate(step, cfg)
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, lr: float | None = None) -> float:
+    """Set every group's lr for this step; returns optim.lr's value (the one logged). lr: that value,
+    where the caller's schedule computed it (learning_rate_by_time); None: learning_rate's."""
+    lr = learning_rate(step, cfg) if lr is None else lr
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
@@ -128,7 +129,30 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def schedule_warnings(cfg: OptimConfig, max_iters: int) -> list[str]:
+def learning_rate_by_time(step: int, spent: float, warmup_spent: float, cfg: OptimConfig) -> float:
+    """learning_rate under a time budget (nanogpt/runs/budgets.py): the warmup still counts steps, and
+    the decay follows `spent`, the fraction of max_time trained so far (0 to 1), where learning_rate's
+    follows step / decay_iters: cosine from the fraction at which the warmup ended (warmup_spent) to
+    min_lr at 1, or wsd's lr until the last cooldown_fraction of the time, then linear to min_lr."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if cfg.schedule == Schedule.constant:
+        return cfg.lr
+    if spent >= 1:  # the time is spent (a run continued with more goes on at min_lr, as past decay_iters)
+        return cfg.min_lr
+    spent = max(spent, 0.0)
+    if cfg.schedule == Schedule.wsd:
+        cooldown_start = 1 - cfg.cooldown_fraction
+        if spent < cooldown_start:
+            return cfg.lr
+        return cfg.lr + (spent - cooldown_start) / cfg.cooldown_fraction * (cfg.min_lr - cfg.lr)
+    if warmup_spent >= 1:  # the warmup took the whole budget
+        return cfg.min_lr
+    progress = max(0.0, (spent - warmup_spent) / (1 - warmup_spent))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def schedule_warnings(cfg: OptimConfig, max_iters: int, length: str | None = None) -> list[str]:
     """Where the schedule does not fit a run of max_iters steps, one line each (none: it fits).
 
     Warnings, not errors: a smoke test of a few steps may well mean its warmup. What they report
@@ -139,11 +163,12 @@ def schedule_warnings(cfg: OptimConfig, max_iters: int) -> list[str]:
     resume (which keeps the decay it started with) should. The caller warns at a run's first start."""
     if max_iters < 1:
         return []
+    length = length or f"max_iters={max_iters}"  # what sets the run's length: a budget names itself
     last = max_iters - 1  # the 0-based step of the last update, logged as `iter {max_iters}`
     warmup, decay = cfg.warmup_iters, cfg.decay_iters
     if warmup >= max_iters:  # the run ends inside its warmup: nothing after it happens
         reached = learning_rate(last, cfg)
-        return [f"optim.warmup_iters={warmup} is not shorter than the run (max_iters={max_iters}): the lr never "
+        return [f"optim.warmup_iters={warmup} is not shorter than the run ({length}): the lr never "
                 f"reaches optim.lr={cfg.lr:g} and ends at {reached:.3g} ({reached / cfg.lr:.0%} of it), so runs that "
                 f"differ in optim.lr or max_iters differ in how far they warmed up too; set optim.warmup_iters below "
                 f"max_iters (e.g. optim.warmup_iters={max_iters // 20}: 5% of the run, as in nanoGPT's recipes)"]
@@ -165,7 +190,7 @@ def schedule_warnings(cfg: OptimConfig, max_iters: int) -> list[str]:
                 f"{drop + 1}; set optim.decay_iters above {warmup} (by default it is max_iters), or lower "
                 f"optim.warmup_iters"]
     if decay > max_iters:
-        return [f"optim.decay_iters={decay} is beyond the run's end (max_iters={max_iters}): the lr never decays to "
+        return [f"optim.decay_iters={decay} is beyond the run's end ({length}): the lr never decays to "
                 f"optim.min_lr={cfg.min_lr:g} and ends at {learning_rate(last, cfg):.3g}; set "
                 f"optim.decay_iters={max_iters} (by default it is max_iters), unless the run is to be extended"]
     return []

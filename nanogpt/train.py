@@ -134,12 +134,15 @@ class Step(NamedTuple):
     next_batch: tuple  # the first batch of the next step, drawn ahead
     applied: bool  # False: skipped (non-finite loss or gradient)
     stop: bool  # some rank was asked to stop (a signal): all ranks stop after this step
+    train_seconds: float | None = None  # the largest train_seconds given by any rank (the one all ranks go by)
 
 
 def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: float, on_nonfinite=NonFinite.stop,
-                   stop_requested: bool = False) -> Step:
+                   stop_requested: bool = False, train_seconds: float | None = None) -> Step:
     """One optimizer step: grad_accum micro-steps under autocast, clip, step, zero grads. With
-    DDP the gradients are all-reduced on the last micro-step only.
+    DDP the gradients are all-reduced on the last micro-step only. train_seconds: this rank's
+    training time so far; the ranks agree on the largest (Step.train_seconds), so that a time
+    budget ends them all at the same step and sets the same lr on each.
 
     A step whose loss or gradient is not finite is not applied: it raises NonFiniteStep
     (on_nonfinite=stop), or is skipped (skip), as fp16's grad scaler skips an overflowing step.
@@ -174,10 +177,16 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
     if ddp:
         import torch.distributed as dist
 
-        flags = torch.cat([flags, flags.new_full((1,), float(not stop_requested))])
+        # (the minimum of minus the time is the longest time)
+        flags = torch.cat([flags, flags.new_tensor([float(not stop_requested), -(train_seconds or 0.0)])])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    loss_ok, grad_ok, *go_on = (bool(f) for f in flags.tolist())
-    go_on = go_on[0] if go_on else not stop_requested
+        loss_ok, grad_ok, go_on, minus_seconds = flags.tolist()
+        if train_seconds is not None:
+            train_seconds = -minus_seconds
+    else:
+        loss_ok, grad_ok = flags.tolist()
+        go_on = not stop_requested
+    loss_ok, grad_ok, go_on = bool(loss_ok), bool(grad_ok), bool(go_on)
     if not loss_ok or (not grad_ok and not scaler.is_enabled()):  # fp16 overflow is the scaler's to handle
         if on_nonfinite == NonFinite.stop:
             what = "loss" if not loss_ok else "gradient norm"
@@ -193,7 +202,7 @@ def optimizer_step(t: Training, batches, batch, grad_accum: int, grad_clip: floa
         optimizer.step()
         applied = True
     optimizer.zero_grad(set_to_none=True)
-    return Step(loss_sum, grad_norm, (x, y), applied, not go_on)
+    return Step(loss_sum, grad_norm, (x, y), applied, not go_on, train_seconds)
 
 
 def auto_batch_size(config: TrainConfig, data_meta: dict, env: DistEnv, device: str | None, resume_from: dict | None
@@ -271,6 +280,15 @@ class Progress:
     skipped_steps: int = 0
     wandb_run_id: str | None = None
     evaluated: bool = False  # the evaluation of this step ran (a resumed run does not repeat it)
+    train_seconds: float = 0.0  # training time so far, over all starts: what max_time counts (runs/budgets.py)
+    warmup_seconds: float | None = None  # train_seconds when the warmup ended: a time budget's decay starts there
+    decay_iters: int | None = None  # the schedule's horizon that a token or FLOP budget set at the run's start
+    decay_seconds: float | None = None  # the max_time that the schedule's decay followed from the run's start
+    target: dict | None = None  # where val loss first reached target_val_loss: step, tokens, flops, train_seconds
+
+
+# what a checkpoint keeps of a budget's progress (a checkpoint from before budgets has none: the defaults)
+BUDGET_PROGRESS = ("train_seconds", "warmup_seconds", "decay_iters", "decay_seconds", "target")
 
 
 def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optimizer_state: dict, train_batches,
@@ -298,6 +316,7 @@ def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optim
             "batch_size": batch_size,  # the micro-batch, which batch_size=auto chose: a continued run keeps it
             "skipped_steps": progress.skipped_steps,
             "wandb_run_id": progress.wandb_run_id,
+            **{key: getattr(progress, key) for key in BUDGET_PROGRESS},
         },
     }
 
@@ -328,7 +347,7 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
     t.scaler.load_state_dict(payload["scaler"])
     train_batches.load_state_dict(state["data"])  # the generator it shares with evaluation, too
     progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"],
-                        state["evaluated"])
+                        state["evaluated"], **{key: state[key] for key in BUDGET_PROGRESS if key in state})
     rng_states = state["rng"]
     if len(rng_states) != t.env.world_size:
         # one process on a CPU draws its dropout masks from the batches' stream, several do not (build_training)
@@ -374,17 +393,12 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     import torch
 
     from nanogpt.data.batches import RandomWindows
-    from nanogpt.optim import schedule_warnings, set_learning_rate
+    from nanogpt.optim import learning_rate_by_time, schedule_warnings, set_learning_rate
     from nanogpt.parallel import hardware, sharding
-    from nanogpt.runs import rng
+    from nanogpt.runs import budgets, rng
     from nanogpt.runs.checkpoint import CheckpointDir
 
     clock.mark("run dir" if clock.phases else "interpreter, config and run dir")
-    # once, in the run's log, before anything is computed; not again when the run continues: it keeps
-    # the schedule it started with (and, extended past its decay, goes on at min_lr by design)
-    if env.is_main and not config.eval_only and resume_from is None:
-        for warning in schedule_warnings(config.optim, config.max_iters):
-            log.warning(warning)
     if config.batch_size == AUTO:
         config = replace(config, batch_size=auto_batch_size(config, data_meta, env, device, resume_from))
     accum = check_world_size(config, env.world_size)
@@ -409,6 +423,24 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     start_step = progress.step
 
     tokens_per_step = global_batch * config.block_size
+    flops_per_token = raw_model.flops_per_token(config.block_size)
+    budget = budgets.resolve(config, tokens_per_step, flops_per_token)
+    optim_cfg = config.optim
+    if budget.decay_follows and start_step == 0:  # the horizon is set at the start, and kept on resume
+        if budget.by_time:
+            progress.decay_seconds = budget.max_seconds
+        elif budget.name != "max_iters":
+            progress.decay_iters = budget.max_steps
+    if progress.decay_iters is not None:
+        optim_cfg = replace(optim_cfg, decay_iters=progress.decay_iters)
+    if env.is_main and budget.name != "max_iters":
+        log.info(budget.describe(config, tokens_per_step, flops_per_token))
+    # once, in the run's log, before training; not again when the run continues: it keeps the
+    # schedule it started with (and, extended past its decay, goes on at min_lr by design)
+    if env.is_main and not config.eval_only and resume_from is None and not budget.by_time:
+        length = None if budget.name == "max_iters" else f"{budget.max_steps} steps, from {budget.name}={getattr(config, budget.name):g}"
+        for warning in schedule_warnings(optim_cfg, budget.max_steps, length):
+            log.warning(warning)
     log.info(
         f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters | data: {config.data.name} in {data_dir}, "
         f"vocab {raw_model.config.vocab_size} | {tokens_per_step:,} tokens per step ({config.batch_size} x "
@@ -468,21 +500,43 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     if rng_state is not None:
         rng.restore(rng_state, hw.device)
     # plain locals for the hot path: no config lookups or recomputation between log lines
-    max_iters, log_interval = config.max_iters, config.log_interval
-    eval_interval, eval_only, grad_clip, optim_cfg = config.eval_interval, config.eval_only, config.optim.grad_clip, config.optim
-    on_nonfinite = config.on_nonfinite
+    log_interval, eval_interval, eval_only, grad_clip = config.log_interval, config.eval_interval, config.eval_only, config.optim.grad_clip
+    on_nonfinite, target = config.on_nonfinite, config.target_val_loss
     mfu_of = hardware.MFU(hw, raw_model, config.block_size)
     last_eval, stopped_by, stop_agreed = {}, None, False
     saved_step = start_step if resume_from is not None else None  # the step of the newest checkpoint
+    ddp = env.is_distributed
+    # the step the run ends at: the budget's (under max_time: the step at which the time is spent)
+    end_step = budget.max_steps if budget.max_steps is not None else float("inf")
+    if (budget.by_time and progress.train_seconds >= budget.max_seconds) or (config.stop_at_target and progress.target):
+        end_step = progress.step  # a continued run that had already spent its budget or met its target
+    ended_by = "target" if config.stop_at_target and progress.target else budget.name
+    seconds = progress.train_seconds  # this rank's count (progress.train_seconds: the one the ranks agreed on)
+
+    def spent(step: int) -> dict:
+        """How much of each budget a run has spent after `step` steps, as metrics records carry it."""
+        tokens = step * tokens_per_step
+        return {"tokens": tokens, "flops": tokens * flops_per_token, "train_seconds": round(progress.train_seconds, 3)}
+
     t_last, steps_since_log = time.perf_counter(), 0
     try:
         while True:
             step = progress.step
-            if (step % eval_interval == 0 or step == max_iters or eval_only) and not progress.evaluated:
+            if (step % eval_interval == 0 or step == end_step or eval_only) and not progress.evaluated:
                 last_eval = evaluate()
                 progress.evaluated = True
-                metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
+                reached = target is not None and progress.target is None and last_eval["val"] <= target and not eval_only
+                if reached:  # time to target: recorded once, kept by checkpoints
+                    progress.target = {"step": step, **spent(step)}
+                metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"], **spent(step),
+                            **({"reached_target": True} if reached else {}))
                 log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
+                if reached:
+                    log.info(f"val loss reached target_val_loss={target:g} at step {step}: "
+                             f"{progress.target['tokens']:,} tokens, {progress.target['flops']:.3g} FLOPs, "
+                             f"{progress.train_seconds:.1f} s of training")
+                    if config.stop_at_target:
+                        end_step, ended_by = step, "target"
                 # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
                 if step > 0 and not eval_only:
                     improved = last_eval["val"] < progress.best_val_loss
@@ -491,7 +545,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                         save(improved)
                         saved_step = step
                 t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not training time
-            if step >= max_iters or eval_only:
+            if step >= end_step or eval_only:
                 break
             # a single process may stop at once; several stop together, after the step that agreed on it
             if stop_agreed or (stop.signal is not None and not env.is_distributed):
@@ -512,18 +566,32 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
             if step == start_step:
                 clock.mark("first evaluation")
                 log.info(f"start-up: {clock.describe()}; training starts")
-            lr = set_learning_rate(optimizer, step, optim_cfg)
+            if progress.warmup_seconds is None and step >= optim_cfg.warmup_iters:
+                progress.warmup_seconds = progress.train_seconds
+            if progress.decay_seconds is not None:  # a time budget: the decay follows the time spent
+                warmup_seconds = progress.warmup_seconds or 0.0  # None while the warmup runs, when it is not used
+                lr = set_learning_rate(optimizer, step, optim_cfg, learning_rate_by_time(
+                    step, progress.train_seconds / progress.decay_seconds, warmup_seconds / progress.decay_seconds, optim_cfg))
+            else:
+                lr = set_learning_rate(optimizer, step, optim_cfg)
+            t_step = time.perf_counter()
             try:
-                result = optimizer_step(t, train_batches, batch, accum, grad_clip, on_nonfinite, stop.signal is not None)
+                result = optimizer_step(t, train_batches, batch, accum, grad_clip, on_nonfinite, stop.signal is not None,
+                                        train_seconds=seconds if ddp else None)
             except NonFiniteStep as e:
                 last = f"the last checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved"
                 raise NonFiniteStep(
                     f"step {step + 1}: {e} (the step was not applied; {last}): lower optim.lr or raise "
                     f"optim.warmup_iters, or set on_nonfinite=skip to skip such steps"
                 ) from None
+            seconds += time.perf_counter() - t_step  # the step has synced (optimizer_step reads its flags)
+            # one process counts its own time; several go by the longest of their counts before this step
+            progress.train_seconds = result.train_seconds if ddp else seconds
             batch, stop_agreed = result.next_batch, result.stop
             progress.step += 1
             progress.evaluated = False
+            if budget.by_time and progress.train_seconds >= budget.max_seconds:
+                end_step = progress.step  # evaluate, save and end here
             steps_since_log += 1
             if not result.applied:
                 progress.skipped_steps += 1
@@ -532,7 +600,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                     f"step {progress.step}: non-finite loss or gradient, step skipped "
                     f"({progress.skipped_steps} skipped so far)")
 
-            if progress.step % log_interval == 0 or progress.step == max_iters:
+            if progress.step % log_interval == 0 or progress.step == end_step:
                 train_loss = float(all_ranks_sum(result.loss.clone())) / env.world_size
                 dt = (time.perf_counter() - t_last) / steps_since_log
                 mfu, mfu_capped = mfu_of(tokens_per_step / env.world_size / dt)  # per device, as its peak
@@ -540,7 +608,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                 t_last, steps_since_log = time.perf_counter(), 0
                 metrics.log(progress.step, "train", loss=train_loss, lr=lr, grad_norm=float(result.grad_norm),
                             skipped_steps=progress.skipped_steps, ms_per_iter=dt * 1e3,
-                            tokens_per_s=tokens_per_step / dt, mfu=mfu, mfu_capped=mfu_capped, peak_flops=hw.peak_flops)
+                            tokens_per_s=tokens_per_step / dt, mfu=mfu, mfu_capped=mfu_capped, peak_flops=hw.peak_flops,
+                            **spent(progress.step))
                 log.info(
                     f"iter {progress.step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
                     f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%{' (capped)' if mfu_capped else ''}"
@@ -549,12 +618,14 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
         metrics.close()
 
     result = {"step": progress.step, "stopped_by": stopped_by, "startup_seconds": clock.seconds(),
-              "batch_size": config.batch_size, "grad_accum": accum,
-              **{f"{k}_loss": v for k, v in last_eval.items()}}
+              "batch_size": config.batch_size, "grad_accum": accum, "train_seconds": round(progress.train_seconds, 3),
+              "target": progress.target, **{f"{k}_loss": v for k, v in last_eval.items()}}
     if stopped_by is None and progress.step > 0 and not eval_only:
         result["best_val_loss"] = progress.best_val_loss
+        result["ended_by"] = ended_by
         if progress.step == start_step:
-            log.info(f"nothing to do: the run already reached max_iters={max_iters}")
+            knob = "target_val_loss" if ended_by == "target" else ended_by
+            log.info(f"nothing to do: the run already reached {knob}={getattr(config, knob)}")
         where = f"; checkpoints in {checkpoints.path}" if saved_step is not None else ""
         log.info(f"done: {progress.step} steps, best val loss {progress.best_val_loss:.4f}{where}")
     return result
@@ -628,11 +699,12 @@ def _main(cfg: DictConfig) -> dict:
         chosen = {k: result.get(k) for k in ("batch_size", "grad_accum")}
         if result["stopped_by"] is not None:  # stopped cleanly at a step boundary, with a checkpoint
             if record:
-                record.finish("preempted", startup_seconds=startup, **chosen)
+                record.finish("preempted", outcome={"target": result.get("target")}, startup_seconds=startup, **chosen)
             hand_over(result["stopped_by"])  # in a submitit job: requeue it (exits)
             sys.exit(128 + int(result["stopped_by"]))
         if record:
-            record.finish("done", startup_seconds=startup, **chosen)
+            record.finish("done", outcome={k: result.get(k) for k in ("ended_by", "target", "train_seconds")},
+                          startup_seconds=startup, **chosen)
         return result
 
 

@@ -30,7 +30,7 @@ MAY_IMPORT = {
     "nanogpt.optim": FOUNDATION,
     "nanogpt.data": FOUNDATION,
     "nanogpt.parallel": FOUNDATION,
-    "nanogpt.runs": FOUNDATION | {"nanogpt.data", "nanogpt.parallel"},
+    "nanogpt.runs": FOUNDATION | {"nanogpt.model", "nanogpt.data", "nanogpt.parallel"},
     "nanogpt.sweeps": FOUNDATION | {"nanogpt.data", "nanogpt.parallel", "nanogpt.runs"},
     "hydra_plugins.nanogpt_launchers": FOUNDATION | {"nanogpt.parallel", "nanogpt.runs", "nanogpt.sweeps"},
 }

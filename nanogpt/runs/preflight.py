@@ -22,7 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from nanogpt.config import AUTO, TrainConfig, check_train_config, check_world_size, site_dirs, to_object
+from nanogpt.config import AUTO, BUDGETS, TrainConfig, check_train_config, check_world_size, site_dirs, to_object
 from nanogpt.errors import ConfigError, UserError, user_errors
 from nanogpt.parallel.distributed import detect, planned_world_size, shared_store
 from nanogpt.runs.resume import plan_run, replace_task_config
@@ -256,6 +256,20 @@ def refuse_swept_command_choices(config: DictConfig) -> None:
         raise ConfigError(f"{o.input_line} sweeps {key}, which belongs to the whole command, not to one job: {fix}")
 
 
+def refuse_max_iters_beside_a_budget(config: DictConfig) -> None:
+    """max_iters given on the command line beside a budget (max_tokens, max_flops, max_time) asks
+    for two lengths of one run. A budget overrides a max_iters that comes from a config file (an
+    experiment's, or the default): there max_iters is the recipe's, not this command's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = OverridesParser.create().parse_overrides(OmegaConf.to_container(config.hydra.overrides.task))
+    keys = {o.key_or_group.lstrip("+~") for o in given if not o.is_delete()}
+    budgets = [key for key in BUDGETS if key in keys or OmegaConf.select(config, key) is not None]
+    if "max_iters" in keys and budgets:
+        raise ConfigError(f"max_iters and {budgets[0]} both set the length of the run ({budgets[0]} ends it where it "
+                          f"is spent, and the lr schedule follows it): drop max_iters, or set {budgets[0]}=null")
+
+
 class Preflight(Callback):
 
     def __init__(self, check_data: bool = True, plan_runs: bool = False):
@@ -267,6 +281,7 @@ class Preflight(Callback):
         with stop_on_error():
             check_working_dir(config)
             refuse_in_a_single_run(config)
+            refuse_max_iters_beside_a_budget(config)
             if self.plan_runs:
                 to_train_config(config)  # the command line's own mistakes first
                 env = detect()
@@ -282,6 +297,10 @@ class Preflight(Callback):
             if self.check_data:
                 meta = check_data_and_vocab(train_config)
                 check_memory(train_config, meta)
+                if any(getattr(train_config, key) is not None for key in BUDGETS):
+                    from nanogpt.runs import budgets
+
+                    budgets.check(train_config, meta["vocab_size"], planned_world_size(train_config.hardware))
                 if self.plan_runs and train_config.resume != "never":
                     check_resume_data(Path(str(config.hydra.run.dir)), meta)
         clock.mark("checks and data")
@@ -290,6 +309,7 @@ class Preflight(Callback):
         with stop_on_error():
             check_working_dir(config)
             refuse_swept_command_choices(config)
+            refuse_max_iters_beside_a_budget(config)
             check_site(config)
             train_config = to_train_config(config)
             if detect().is_distributed:

@@ -186,11 +186,13 @@ class RunRecord:
         self._write()
         self._started = time.monotonic()
 
-    def finish(self, status: str, **this_start: Any) -> None:
-        """Record how the run ended; this_start's fields (e.g. startup_seconds) go to this start's
-        entry: the record itself for the first start, its last `resumes` entry for a later one."""
+    def finish(self, status: str, outcome: dict | None = None, **this_start: Any) -> None:
+        """Record how the run ended; outcome's fields (ended_by, target: what the run as a whole
+        reached) go to the record itself, this_start's (e.g. startup_seconds) to this start's entry:
+        the record itself for the first start, its last `resumes` entry for a later one."""
         wall = round(self._wall_before + time.monotonic() - self._started, 1)
         self.record.update(status=status, end_time=_now(), wall_seconds=wall)
+        self.record.update({k: v for k, v in (outcome or {}).items() if v is not None})
         (self.record["resumes"][-1] if "resumes" in self.record else self.record).update(
             {k: v for k, v in this_start.items() if v is not None})
         try:

@@ -41,13 +41,14 @@ SNAPSHOT_FIX = "restore it from a copy of the run; its config.resolved.yaml hold
 # Keys a continued run may change: how long it runs, how it reports, what it keeps. Anything else
 # would make the rest of the run differ from the run that was started.
 RESUMABLE = (
-    "max_iters", "eval_interval", "eval_iters", "log_interval", "save_checkpoints", "keep_checkpoints",
+    "max_iters", "max_tokens", "max_flops", "max_time", "target_val_loss", "stop_at_target", "eval_interval", "eval_iters", "log_interval", "save_checkpoints", "keep_checkpoints",
     "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "hardware.deterministic", "data.num_threads", "data.dir",
     "data.source", "hardware.nproc_per_node", "hardware.nnodes", "hardware.backend",
     "hardware.fsdp", "hardware.cpus_per_process",
 )
-RESUMABLE_IN_WORDS = ("max_iters, eval/log intervals, checkpoint settings, on_nonfinite, logger.*, data.dir/source, "
-                      "and the process count when the global batch stays the same")
+RESUMABLE_IN_WORDS = ("max_iters and the budgets (max_tokens, max_flops, max_time, target_val_loss), eval/log "
+                      "intervals, checkpoint settings, on_nonfinite, logger.*, data.dir/source, and the process "
+                      "count when the global batch stays the same")
 CHOICES = ("auto", "never")
 
 
