@@ -238,3 +238,20 @@ def test_runs_from_before_budgets_compare_on_tokens_derived_from_the_step(tmp_pa
     out = capsys.readouterr().out
     assert "| val loss at 15,360 tokens |" in out and "FLOPs" not in out.split("every run")[0]
     assert not (sweep / "report_budgets.png").exists()  # neither FLOPs nor training time to plot against
+
+
+def test_a_target_that_is_no_loss_is_one_line(seeded, tmp_path):
+    result = run_cli("nanogpt.sweeps.report", str(seeded), "--target", "0", cwd=tmp_path)
+    assert_one_line_error(result, "--target 0.0: give a positive val loss, e.g. --target 1.8")
+    assert not list(seeded.glob("report*"))
+
+
+def test_a_target_given_to_the_report_is_read_off_every_run(seeded, capsys):
+    main([str(seeded), "--target", "2.555"])  # every run's third eval (step 20) is its final + 0.1, its last (30) the final
+    out = capsys.readouterr().out
+    assert "Time to target val loss 2.555:" in out
+    # 3e-3's finals are all below 2.455: each met it at step 20; 1e-3's only at step 30; of 1e-2's, 2.56 never
+    # meets it, 2.45 does at step 20, 2.49 and 2.52 at step 30: a mean of 26.7 steps over 3 of 4
+    assert "| optim.lr=0.003 | 4 of 4 | 20 ± 0 |" in out
+    assert "| optim.lr=0.001 | 4 of 4 | 30 ± 0 |" in out
+    assert "| optim.lr=0.01 | 3 of 4 | 27 ± 14 |" in out
