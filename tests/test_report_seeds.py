@@ -79,7 +79,7 @@ def test_three_settings_of_four_seeds_give_three_groups_whose_figures_scipy_conf
         else:
             p = stats.ttest_ind(finals[lr], finals["0.001"], equal_var=False).pvalue
             assert float(row["p_value"]) == pytest.approx(p, rel=1e-9)
-            assert cells[-1] == f"{p:.4f}" + (" ns" if p >= 0.05 else "")
+            assert cells[-1] == (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}") + (" ns" if p >= 0.05 else "")
 
 
 @pytest.mark.slow

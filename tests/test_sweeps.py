@@ -377,7 +377,7 @@ def preset_jobs(preset: str, extra: list[str]) -> list[list[str]]:
 @pytest.mark.parametrize("preset, extra, expected", [
     ("lr_grid", [], [f"optim.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")]),
     ("seeds", [], [f"seed={s}" for s in range(1, 6)]),
-    ("seeds_ablation", [], [f"model.position={p} seed={s}" for p in ("learned", "rotary") for s in range(1, 5)]),
+    ("seeds_ablation", [], [f"seed={s} model.position={p}" for s in range(1, 5) for p in ("learned", "rotary")]),
     ("model_ladder", ["experiment=gpt2_124m"], [f"model={m}" for m in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")]),
 ])
 def test_each_sweep_preset_makes_valid_jobs(preset, extra, expected):

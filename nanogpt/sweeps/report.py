@@ -248,7 +248,7 @@ def groups_markdown(table: list[dict], with_baseline: bool) -> str:
 def _p_cell(p: float | None, n: int) -> str:
     if p is None:
         return "-" if n == 0 else "n/a"
-    return f"{p:.4f}" + (" ns" if p >= SIGNIFICANCE else "")
+    return (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}") + (" ns" if p >= SIGNIFICANCE else "")
 
 
 def _fmt(value: float | None, n: int = 2, digits: int = 4, signed: bool = False) -> str:
