@@ -122,10 +122,13 @@ def test_a_baseline_that_names_no_group_is_one_line_and_writes_nothing(seeded, t
     result = run_cli("nanogpt.sweeps.report", str(seeded), "--baseline", "optim.lr=5e-3", cwd=tmp_path)
     line = assert_one_line_error(result, "--baseline optim.lr=5e-3 names no group",
                                  "'optim.lr=0.001', 'optim.lr=0.003', 'optim.lr=0.01'")
-    assert line.endswith("give one of them as printed, or overrides that pick one (e.g. optim.lr=1e-3)")
+    assert line.endswith("give one of them as printed (e.g. --baseline 'optim.lr=0.001'), or overrides that pick one")
     assert not list(seeded.glob("report*"))
     result = run_cli("nanogpt.sweeps.report", str(seeded), "--baseline", "max_iters=30", cwd=tmp_path)
     assert_one_line_error(result, "--baseline max_iters=30 matches 3 groups")
+    result = run_cli("nanogpt.sweeps.report", str(seeded), "--baseline", "seed=1", cwd=tmp_path)
+    assert_one_line_error(result, "--baseline seed=1 names no group")  # a seed is no setting
+    assert not list(seeded.glob("report*"))
 
 
 def test_a_baseline_is_found_by_its_label_or_by_its_value_as_a_number(seeded, capsys):

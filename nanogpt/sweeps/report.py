@@ -53,7 +53,7 @@ def find_runs(sweep_dir: Path) -> list[Path]:
 
 
 def read_run(run_dir: Path, sweep_dir: Path) -> dict:
-    """One row of the table, and the run's val curve (under "curve")."""
+    """One row of the table, the run's val curve (under "curve") and its evals against cost (under "run_curve")."""
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = [str(o) for o in read_yaml(overrides_file, REPORT_FIX, kind="list")] if overrides_file.is_file() else []
     record = read_json(run_dir / "provenance.json", REPORT_FIX, missing_ok=True) or {}
@@ -185,11 +185,11 @@ def find_baseline(groups: dict[str, list[dict]], baseline: str) -> str:
     matches = []
     if wanted and all(len(w) == 2 for w in wanted):
         matches = [label for label, runs in groups.items()
-                   if all(_same_value(runs[0]["override_values"].get(k), v) for k, v in wanted)]
+                   if all(k != SEED and _same_value(runs[0]["override_values"].get(k), v) for k, v in wanted)]
     names = ", ".join(f"'{label}'" for label in groups)
     if not matches:
-        raise UserError(f"--baseline {baseline} names no group: the groups are {names}; give one of them as printed, "
-                        "or overrides that pick one (e.g. optim.lr=1e-3)")
+        raise UserError(f"--baseline {baseline} names no group: the groups are {names}; give one of them as printed "
+                        f"(e.g. --baseline '{next(iter(groups))}'), or overrides that pick one")
     if len(matches) > 1:
         raise UserError(f"--baseline {baseline} matches {len(matches)} groups ({', '.join(repr(m) for m in matches)}): "
                         "add the overrides that tell them apart, or give one label as printed")
