@@ -154,6 +154,11 @@ def time_to_target(groups: dict[str, list[RunCurve]], target: float | None = Non
     return out
 
 
+def final_spend(runs: list[RunCurve]) -> dict[str, Summary]:
+    """The val loss and the spend at each run's last eval: mean and interval over the runs."""
+    return {key: summarise([r.points[-1].get(key) for r in runs if r.points]) for key in ("val_loss", *AXES)}
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """The labels whose (cost, loss) no other point beats on both (as cheap or cheaper and lower,
     or cheaper and as low), cheapest first."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanogpt.sweeps.curves import AXIS_NAMES, RunCurve, comparable, pareto_front, reached, value_at
+from nanogpt.sweeps.curves import AXIS_NAMES, RunCurve, comparable, final_spend, pareto_front, reached, value_at
 from nanogpt.sweeps.stats import summarise
 
 CURVE_AXES = ("train_seconds", "flops")  # val loss against these: the costs that differ between settings
@@ -139,11 +139,13 @@ def _curves(ax, groups: dict[str, list[RunCurve]], axis: str, colour: dict[str, 
 def _pareto(ax, finished: dict[str, list[RunCurve]], axis: str, colour: dict[str, str]) -> None:
     means = {}
     for label, runs in finished.items():
-        ends = [(r.points[-1][axis], r.points[-1]["val_loss"]) for r in runs if r.points and r.points[-1].get(axis) is not None]
-        if not ends:
+        runs = [r for r in runs if r.points and r.points[-1].get(axis) is not None]
+        if not runs:
             continue
-        ax.plot(*zip(*ends), "o", color=colour[label], alpha=0.3, markersize=4)
-        cost, loss = summarise([c for c, _ in ends]), summarise([v for _, v in ends])
+        ax.plot([r.points[-1][axis] for r in runs], [r.points[-1]["val_loss"] for r in runs], "o", color=colour[label],
+                alpha=0.3, markersize=4)
+        end = final_spend(runs)
+        cost, loss = end[axis], end["val_loss"]
         means[label] = (cost.mean, loss.mean)
         ax.errorbar(cost.mean, loss.mean, xerr=cost.half_width, yerr=loss.half_width, fmt="o", color=colour[label],
                     capsize=3, markersize=7, label=f"{label} (n={loss.n})")

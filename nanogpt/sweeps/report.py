@@ -34,8 +34,8 @@ from pathlib import Path
 from nanogpt.errors import UserError
 from nanogpt.runs.runfiles import RunFileError, read_json, read_jsonl, read_yaml
 from nanogpt.sweeps import plots
-from nanogpt.sweeps.curves import AXES, AXIS_NAMES, RunCurve, equal_budgets, pareto_front, points_from, \
-    time_to_target, tokens_per_step
+from nanogpt.sweeps.curves import AXES, AXIS_NAMES, RunCurve, equal_budgets, final_spend, pareto_front, \
+    points_from, time_to_target, tokens_per_step
 from nanogpt.sweeps.stats import SIGNIFICANCE, Summary, significant, summarise, welch_p
 
 # a run file that cannot be read: the report goes on without what it would add
@@ -340,11 +340,6 @@ def budget_section(groups: dict[str, list[RunCurve]], finished: dict[str, list[R
         text.append("The first eval at or below the target, over the runs that reached it (mean ± half the 95% "
                     "interval); a run that has not reached it yet counts in `of` only.\n")
     return "\n".join(text), rows
-
-
-def final_spend(runs: list[RunCurve]) -> dict[str, Summary]:
-    """The val loss and spend at each run's last eval, over the runs."""
-    return {key: summarise([r.points[-1].get(key) for r in runs if r.points]) for key in ("val_loss", *AXES)}
 
 
 def _mean_ci(s: Summary, runs: int, key: str = "val_loss") -> str:
