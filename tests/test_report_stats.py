@@ -33,6 +33,8 @@ def write_run(run_dir: Path, overrides: list[str], losses: list[float], status: 
     record = {"status": status, "world_size": 1, "batch_size": 12, "grad_accum": 1}
     if status != "running":
         record["wall_seconds"] = 2.0 + seconds_per_step * eval_interval * (len(losses) - 1)
+    if status == "done":
+        record["ended_by"] = "max_iters"
     if provenance_target is not None:
         record["target"] = provenance_target
     (run_dir / "provenance.json").write_text(json.dumps(record))
@@ -228,6 +230,8 @@ def test_a_half_finished_sweep_is_compared_at_what_its_runs_reached(tmp_path, ca
     assert front == ["| model.n_layer=1", "| model.n_layer=2"]
     groups = {r["group"]: r for r in read_csv(sweep / "report_groups.csv")}
     assert (groups["model.n_layer=2"]["runs"], groups["model.n_layer=2"]["n"]) == ("2", "1")
+    runs = {r["job"]: r for r in read_csv(sweep / "report.csv")}
+    assert [runs[job]["ended_by"] for job in "012345"] == ["max_iters", "max_iters", "", "max_iters", "", ""]
     assert (groups["model.n_layer=4"]["n"], groups["model.n_layer=4"]["final_val_loss_mean"]) == ("0", "")
     for png in ("report.png", "report_budgets.png"):
         assert (sweep / png).read_bytes().startswith(b"\x89PNG")

@@ -6,8 +6,8 @@
     nanogpt-report multirun/2026-11-22/10-00-00 --target 1.8               # time to a val loss, from the evals
 
 Every run dir under the given dir (a sweep's job dirs, or any dir of run dirs) is one row: the
-command-line overrides that differ between runs (those all runs share are printed once), status, best and final val loss, tokens/s, wall time, restarts
-and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose), read
+command-line overrides that differ between runs (those all runs share are printed once), status, best and final val loss, tokens/s, wall time, restarts,
+what ended the run (max_iters, a budget or the target) and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose), read
 from what the run wrote (`.hydra/overrides.yaml`, `provenance.json`, `metrics.jsonl`). Rows are
 sorted by the metric, runs without it last.
 
@@ -42,7 +42,7 @@ from nanogpt.sweeps.stats import SIGNIFICANCE, Summary, significant, summarise, 
 REPORT_FIX = "restore it from a copy of the run, or move it aside (the report then goes without it)"
 
 COLUMNS = ("job", "overrides", "status", "best_val_loss", "final_val_loss", "step", "tokens_per_s", "wall_s", "restarts",
-           "micro_batch")
+           "ended_by", "micro_batch")
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -76,6 +76,7 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
         "tokens_per_s": round(statistics.median(speeds)) if speeds else None,
         "wall_s": record.get("wall_seconds"),
         "restarts": len(record.get("resumes", [])),
+        "ended_by": record.get("ended_by"),  # max_iters, a budget (max_tokens, ...), or target; None until it ends
         "micro_batch": _micro_batch([record, *record.get("resumes", [])]),
         "curve": [(e["step"], e["val_loss"]) for e in evals],
         "override_values": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("hydra.", "+", "~"))),
