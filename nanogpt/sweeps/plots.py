@@ -61,8 +61,13 @@ def _against_parameter(ax, groups: dict[str, list[dict]], stats: list[dict], swe
     summary = {row["group"]: row[metric] for row in stats}
     shown = [label for label in order if summary[label].mean is not None]
     xs = [x[label] for label in shown]
-    ax.plot(xs, [summary[label].mean for label in shown], marker="o", color="C0", label="mean over seeds")
-    if any(summary[label].ci_low is not None for label in shown):
+    if not numeric:  # categories: nothing lies between two of them, so bars, not a line and band
+        ax.errorbar(xs, [summary[label].mean for label in shown], fmt="o", color="C0", capsize=4,
+                    yerr=[[_or(summary[label].half_width, 0.0) for label in shown]] * 2,
+                    label="mean over seeds, 95% interval (Student t)")
+    else:
+        ax.plot(xs, [summary[label].mean for label in shown], marker="o", color="C0", label="mean over seeds")
+    if numeric and any(summary[label].ci_low is not None for label in shown):
         ax.fill_between(xs, [_or(summary[label].ci_low, summary[label].mean) for label in shown],
                         [_or(summary[label].ci_high, summary[label].mean) for label in shown],
                         color="C0", alpha=0.2, label="95% interval (Student t)")
@@ -70,6 +75,7 @@ def _against_parameter(ax, groups: dict[str, list[dict]], stats: list[dict], swe
         ax.set_xscale("log")  # learning rates and the like span decades
     if not numeric:
         ax.set_xticks(range(len(order)), [str(values[label]) for label in order])
+        ax.set_xlim(-0.5, len(order) - 0.5)
     name = metric.replace("_", " ")
     ax.set(xlabel=swept, ylabel=name, title=f"{name} vs {swept}")
     ax.grid(alpha=0.3)
