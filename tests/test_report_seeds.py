@@ -25,7 +25,7 @@ def sweep(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("seeds")
     result = run_cli("nanogpt.train", "--multirun", "optim.lr=1e-3,3e-3,1e-2", "seed=1,2,3,4", "max_iters=300",
                      "eval_interval=100", *TINY, f"data.source={SHAKESPEARE}", f"data.dir={cwd / 'data'}", cwd=cwd,
-                     timeout=1200)
+                     env={"OMP_NUM_THREADS": "1"}, timeout=1200)  # one thread: jobs on a busy CPU do not crawl
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = list((cwd / "multirun").glob("*/*"))
     return sweep_dir
