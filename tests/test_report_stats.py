@@ -262,3 +262,33 @@ def test_a_target_given_to_the_report_is_read_off_every_run(seeded, capsys):
     assert "| optim.lr=0.003 | 4 of 4 | 20 ± 0 |" in out
     assert "| optim.lr=0.001 | 4 of 4 | 30 ± 0 |" in out
     assert "| optim.lr=0.01 | 3 of 4 | 27 ± 14 |" in out
+
+
+def test_a_one_parameter_sweep_with_seeds_plots_each_settings_mean_and_interval(seeded):
+    """The panel against the parameter: a band between each setting's interval bounds (numbers),
+    or interval bars (categories), around the means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    from nanogpt.sweeps import plots
+    from nanogpt.sweeps.report import group_runs, group_stats, read_run
+
+    rows = [read_run(job, seeded) for job in sorted(p for p in seeded.iterdir() if p.is_dir())]
+    groups = group_runs(rows)
+    stats_rows = group_stats(groups, None, "final_val_loss")
+    values = {label: float(label.split("=")[1]) for label in groups}
+    fig, ax = plt.subplots()
+    plots._against_parameter(ax, groups, stats_rows, "optim.lr", values, "final_val_loss")
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    ys = band.get_paths()[0].vertices[:, 1]
+    lows = [row["final_val_loss"].ci_low for row in stats_rows]
+    highs = [row["final_val_loss"].ci_high for row in stats_rows]
+    assert min(ys) == pytest.approx(min(lows)) and max(ys) == pytest.approx(max(highs))
+    (means,) = [line for line in ax.get_lines() if line.get_label() == "mean over seeds"]
+    assert list(means.get_xdata()) == [0.001, 0.003, 0.01]
+    assert list(means.get_ydata()) == pytest.approx([sum(FINALS[lr]) / 4 for lr in ("1e-3", "3e-3", "1e-2")])
+    assert ax.get_xscale() == "log"  # a decade apart
+    plt.close(fig)
