@@ -438,7 +438,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     # once, in the run's log, before training; not again when the run continues: it keeps the
     # schedule it started with (and, extended past its decay, goes on at min_lr by design)
     if env.is_main and not config.eval_only and resume_from is None and not budget.by_time:
-        length = None if budget.name == "max_iters" else f"{budget.max_steps} steps, from {budget.name}={getattr(config, budget.name):g}"
+        length = (None if budget.name == "max_iters" else
+                  f"{budget.max_steps} steps, from {budget.name}={getattr(config, budget.name):g}")
         for warning in schedule_warnings(optim_cfg, budget.max_steps, length):
             log.warning(warning)
     log.info(
@@ -500,7 +501,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
     if rng_state is not None:
         rng.restore(rng_state, hw.device)
     # plain locals for the hot path: no config lookups or recomputation between log lines
-    log_interval, eval_interval, eval_only, grad_clip = config.log_interval, config.eval_interval, config.eval_only, config.optim.grad_clip
+    log_interval, eval_interval, eval_only = config.log_interval, config.eval_interval, config.eval_only
+    grad_clip = config.optim.grad_clip
     on_nonfinite, target = config.on_nonfinite, config.target_val_loss
     mfu_of = hardware.MFU(hw, raw_model, config.block_size)
     last_eval, stopped_by, stop_agreed = {}, None, False
@@ -525,7 +527,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
             if (step % eval_interval == 0 or step == end_step or eval_only) and not progress.evaluated:
                 last_eval = evaluate()
                 progress.evaluated = True
-                reached = target is not None and progress.target is None and last_eval["val"] <= target and not eval_only
+                reached = (target is not None and progress.target is None and last_eval["val"] <= target
+                           and not eval_only)
                 if reached:  # time to target: recorded once, kept by checkpoints
                     progress.target = {"step": step, **spent(step)}
                 metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"], **spent(step),
@@ -570,8 +573,9 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                 progress.warmup_seconds = progress.train_seconds
             if progress.decay_seconds is not None:  # a time budget: the decay follows the time spent
                 warmup_seconds = progress.warmup_seconds or 0.0  # None while the warmup runs, when it is not used
+                spent_fraction = progress.train_seconds / progress.decay_seconds
                 lr = set_learning_rate(optimizer, step, optim_cfg, learning_rate_by_time(
-                    step, progress.train_seconds / progress.decay_seconds, warmup_seconds / progress.decay_seconds, optim_cfg))
+                    step, spent_fraction, warmup_seconds / progress.decay_seconds, optim_cfg))
             else:
                 lr = set_learning_rate(optimizer, step, optim_cfg)
             t_step = time.perf_counter()
