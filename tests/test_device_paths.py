@@ -157,22 +157,14 @@ def test_fused_adamw_is_the_default_on_a_cpu_and_steps_like_foreach(tmp_path):
 # --- torch.compile ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compiled_one_process(workspace) -> Path:
-    """The reference of the two tests below: one process, micro-batch 2 x 4 micro-steps, compiled. The
-    global batch of 8 is drawn at once, however it is split, so every split trains on the same data."""
-    cwd, base = workspace
-    return straight(cwd, base, "compile_one", "batch_size=2", "global_batch_size=8", "hardware.compile=true")
-
-
 @pytest.mark.slow
-def test_compile_with_ddp_and_gradient_accumulation_trains_like_one_process(workspace, compiled_one_process):
+def test_compile_with_ddp_and_gradient_accumulation_trains_like_one_process(workspace):
     """2 processes x micro-batch 2 x 2 micro-steps against 1 x 2 x 4: the same global batch, compiled
     both times (DDP over gloo splits the compiled graph at its gradient buckets)."""
     cwd, base = workspace
     split = ["batch_size=2", "global_batch_size=8", "hardware.compile=true"]
     two = straight(cwd, base, "compile_ddp", *split, "hardware.nproc_per_node=2")
-    one = compiled_one_process
+    one = straight(cwd, base, "compile_one", *split)
     log = (two / "train.log").read_text()
     assert "2 x 32 x 2 micro-steps x 2 processes" in log and "compile=on" in log
     diff = max((a - b).abs().max().item() for a, b in zip(weights(two).values(), weights(one).values()))
@@ -195,14 +187,14 @@ def test_a_compiled_run_resumes_exactly(workspace):
 
 
 @pytest.mark.slow
-def test_compile_with_fsdp2_trains_like_one_process(workspace, compiled_one_process):
+def test_compile_with_fsdp2_trains_like_one_process(workspace):
     cwd, base = workspace
     split = ["batch_size=4", "global_batch_size=8", "hardware.compile=true"]
     two = straight(cwd, base, "compile_fsdp", *split, "hardware.fsdp=true", "hardware.nproc_per_node=2")
-    one = compiled_one_process
+    one = straight(cwd, base, "compile_fsdp_one", *split)
     assert "compile=on" in (two / "train.log").read_text()
     diff = max((a - b).abs().max().item() for a, b in zip(weights(two).values(), weights(one).values()))
-    print(f"\n[equivalence] compiled, FSDP2 2 processes x 4 vs 1 x 2 x 4, {N} steps: max |weight diff| = {diff:.2e}")
+    print(f"\n[equivalence] compiled, FSDP2 2 processes x 4 vs 1 x 4 x 2, {N} steps: max |weight diff| = {diff:.2e}")
     assert diff < 1e-5
 
 
