@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,26 +145,53 @@ def test_diverging_learning_rates_are_pruned_before_their_last_step(tmp_path, da
 
 
 @pytest.mark.slow
-def test_the_same_command_continues_a_search_whose_worker_died(tmp_path, data_dir):
-    """Must-show 5, in part: a trial left running by a dead worker is marked failed and its params
-    asked again in a new trial and run dir; the study ends with exactly n_trials finished ones."""
-    args = ["search=none", LR_AND_DROPOUT, "search.n_trials=3", "search.n_workers=1", "search.pruner.name=none"]
-    first = search(tmp_path, data_dir, *args, "search.n_trials=1")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_the_same_command_continues_a_search_killed_mid_way(tmp_path, data_dir):
+    """Must-show 5: SIGKILL the driver and its workers mid-search; the same command again ends with
+    exactly n_trials completed trials: the completed ones kept, each trial killed while running
+    marked failed and its params asked again in a new trial, no trial number or run dir used twice."""
+    args = ["search=none", LR_AND_DROPOUT, "search.n_trials=6", "search.n_workers=2", "search.pruner.name=none",
+            "max_iters=60"]
     sweep_dir = tmp_path / "sweep"
-    s = study(sweep_dir)
-    dead = s.ask()  # as a worker that asked, started its run dir and was killed
-    dead.suggest_float("optim.lr", 1e-4, 3e-2, log=True)
-    dead.suggest_float("model.dropout", 0.0, 0.3)
-    (sweep_dir / f"trial-{dead.number:04d}").mkdir()
-    again = search(tmp_path, data_dir, *args)
+    searched = " ".join(a for a in args if a.startswith("++search.space="))
+    command = [sys.executable, "-m", "nanogpt.train", "--multirun",
+               *[a for a in RUN if f"{a.split('=')[0]}:" not in searched], f"data.source={SHAKESPEARE}",
+               f"data.dir={data_dir}", f"hydra.sweep.dir={sweep_dir}", *args]
+    driver = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until 2 trials completed and others are running
+            time.sleep(0.5)
+            if (sweep_dir / "study.journal").is_file():
+                states = [t.state.name for t in study(sweep_dir).get_trials()]
+                if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+                    break
+        else:
+            raise AssertionError("the search did not get going")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and both workers, as a node failure would
+        driver.wait()
+    before = {t.number: t.state.name for t in study(sweep_dir).get_trials()}
+    killed = [n for n, state in before.items() if state == "RUNNING"]
+    assert killed
+
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trials = study(sweep_dir).get_trials()
-    assert [t.state.name for t in trials].count("COMPLETE") == 3
-    assert trials[dead.number].state.name == "FAIL"
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == dead.number]
-    assert len(retry) == 1 and retry[0].params == trials[dead.number].params and retry[0].state.name == "COMPLETE"
-    assert sorted(p.name for p in sweep_dir.glob("trial-*")) == [f"trial-{t.number:04d}" for t in trials]
+    assert [t.state.name for t in trials].count("COMPLETE") == 6
+    assert all(trials[n].state.name == before[n] for n, state in before.items() if state == "COMPLETE")  # kept
+    for n in killed:
+        assert trials[n].state.name == "FAIL"
+        (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == n]
+        assert retry.params == trials[n].params and retry.number > max(before)
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers)
+    assert {p.name for p in sweep_dir.glob("trial-*")} <= {f"trial-{n:04d}" for n in numbers}
+    for n in killed:  # a killed trial's run dir is left as the kill left it: never continued by another trial
+        run_dir = sweep_dir / f"trial-{n:04d}"
+        assert not (run_dir / "provenance.json").is_file() or "resumes" not in provenance(run_dir)
+    assert all((sweep_dir / f"trial-{t.number:04d}" / "DONE").is_file() for t in trials if t.state.name == "COMPLETE")
 
 
 def test_dry_run_prints_the_search_and_writes_nothing(tmp_path, data_dir):

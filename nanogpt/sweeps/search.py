@@ -53,8 +53,12 @@ def trial_dir_name(number: int) -> str:
 
 
 def check(search: SearchConfig, objective_needs: dict) -> None:
-    """The settings of a search that do not depend on the space: one line per mistake.
+    """Optuna is there, and the settings of a search that do not depend on the space: one line per mistake.
     objective_needs: the base config's target_val_loss and budgets ({key: value})."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("search=... runs on Optuna, which is not installed: pip install 'nanogpt[search]'") from None
     if search.n_trials < 1:
         raise ConfigError(f"search.n_trials={search.n_trials}: a search needs at least 1 trial")
     if search.n_workers < 1:
