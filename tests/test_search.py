@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHAKESPEARE, TINY, assert_one_line_error, require_shakespeare, run_cli
+from omegaconf import OmegaConf
+
+from conftest import REPO, SHAKESPEARE, TINY, assert_one_line_error, compose, require_shakespeare, run_cli
 
 optuna = pytest.importorskip("optuna", reason="the search extra: pip install -e '.[search]'")
 
@@ -232,3 +234,41 @@ def test_bad_search_is_one_line_and_writes_nothing(tmp_path, data_dir, args, fra
 def test_a_search_preset_without_multirun_is_refused(tmp_path, data_dir):
     result = run_cli("nanogpt.train", "search=lr_cpu", *RUN, f"data.dir={data_dir}", cwd=tmp_path)
     assert_one_line_error(result, "search=lr_cpu", "add --multirun")
+
+
+@pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes", "gp"])
+def test_each_sampler_is_seeded_per_worker(name):
+    """Every sampler builds from its name; one seed draws the same trials, and the next worker's
+    seed draws others (grid: one order for all workers, whose study hands each point out once)."""
+    from nanogpt.config import SearchConfig
+    from nanogpt.sweeps import search as engine
+    from nanogpt.sweeps.space import distributions
+
+    lr = {"choices": [1e-4, 1e-3, 1e-2]} if name == "grid" else {"low": 1e-4, "high": 1e-2, "log": True}
+    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchConfig), {
+        "space": {"optim.lr": lr}, "sampler": {"name": name, "seed": 7}}))
+    space = distributions(settings, compose("train", ["search=none"]), check=lambda config: None)
+
+    def draws(worker: int) -> list:
+        study = optuna.create_study(sampler=engine.sampler(settings, space, worker))
+        return [study.ask(space).params["optim.lr"] for _ in range(3)]
+
+    assert draws(0) == draws(0)
+    if name != "grid":
+        assert draws(0) != draws(1)
+    else:
+        assert sorted(draws(0)) == [1e-4, 1e-3, 1e-2]
+
+
+def test_objectives_read_the_run_result():
+    from nanogpt.config import Objective, SearchConfig
+    from nanogpt.sweeps.search import objective_value
+
+    result = {"best_val_loss": 1.5, "val_loss": 1.7, "target": {"step": 40, "tokens": 5120, "flops": 2e9,
+                                                                 "train_seconds": 3.25}}
+    expected = {"best_val_loss": 1.5, "final_val_loss": 1.7, "time_to_target": 3.25, "tokens_to_target": 5120,
+                "flops_to_target": 2e9}
+    for objective, value in expected.items():
+        assert objective_value(SearchConfig(objective=Objective(objective)), result) == value
+    # a run that never reached its target: the worst cost, not a failure
+    assert objective_value(SearchConfig(objective=Objective.time_to_target), {**result, "target": None}) == float("inf")
