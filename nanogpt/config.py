@@ -176,7 +176,7 @@ class Direction(str, Enum):
 class SamplerName(str, Enum):
     tpe = "tpe"  # Tree-structured Parzen Estimator (Optuna's default): Bayesian, good from ~10 trials
     random = "random"  # independent uniform draws: the baseline any search should beat
-    grid = "grid"  # every combination of the choices (categorical params only), in a seeded random order
+    grid = "grid"  # every combination of the choices (or stepped ranges) once, in a seeded random order
     cmaes = "cmaes"  # CMA-ES (the `cmaes` package): continuous and int params, many trials
     gp = "gp"  # Gaussian-process Bayesian optimisation: few, expensive trials
 
