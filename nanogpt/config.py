@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import II, MISSING, OmegaConf
 
@@ -158,6 +158,81 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
 
 
+class Objective(str, Enum):
+    """What a search minimises, read from each trial's run (nanogpt/sweeps/search.py)."""
+
+    best_val_loss = "best_val_loss"  # the lowest val loss of the run's evaluations
+    final_val_loss = "final_val_loss"  # the val loss of its last evaluation: under a budget, the loss at that budget
+    time_to_target = "time_to_target"  # training seconds until val loss reached target_val_loss (inf if never)
+    tokens_to_target = "tokens_to_target"  # tokens trained until then
+    flops_to_target = "flops_to_target"  # training FLOPs until then
+
+
+class Direction(str, Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+class SamplerName(str, Enum):
+    tpe = "tpe"  # Tree-structured Parzen Estimator (Optuna's default): Bayesian, good from ~10 trials
+    random = "random"  # independent uniform draws: the baseline any search should beat
+    grid = "grid"  # every combination of the choices (or stepped ranges) once, in a seeded random order
+    cmaes = "cmaes"  # CMA-ES (the `cmaes` package): continuous and int params, many trials
+    gp = "gp"  # Gaussian-process Bayesian optimisation: few, expensive trials
+
+
+class PrunerName(str, Enum):
+    median = "median"  # stop a trial whose val loss is worse than the median of earlier trials at the same step
+    successive_halving = "successive_halving"  # asynchronous successive halving (ASHA)
+    hyperband = "hyperband"  # several successive-halving brackets
+    none = "none"  # every trial runs to its end
+
+
+@dataclass
+class ParamSpace:
+    """One key's distribution: a range (low, high; log, step) or choices. Whether a range is of
+    ints or floats is the key's own type in the schema (model.n_layer: ints; optim.lr: floats)."""
+
+    low: Any = None
+    high: Any = None
+    log: bool = False  # sample on a log scale (low > 0)
+    step: Any = None  # a grid within the range: low, low + step, ...
+    choices: Optional[List[Any]] = None  # categorical values, tried as given (each must pass the config's checks)
+
+
+@dataclass
+class SamplerConfig:
+    name: SamplerName = SamplerName.tpe
+    seed: int = 0  # worker i seeds its sampler with seed + i: workers do not draw the same trials
+    n_startup_trials: int = 10  # tpe, gp: random trials before the model takes over
+
+
+@dataclass
+class PrunerConfig:
+    name: PrunerName = PrunerName.median
+    n_startup_trials: int = 5  # median: trials that run to the end before any is pruned
+    n_warmup_steps: int = 0  # median: evaluations before this step never prune
+    min_resource: int = 1  # successive_halving, hyperband: the first rung, in steps (reports are at eval steps)
+    reduction_factor: int = 3  # successive_halving, hyperband: 1 in this many trials goes on to the next rung
+
+
+@dataclass
+class SearchConfig:
+    """A hyperparameter search (nanogpt-train --multirun search=NAME; docs/search.md). Inactive while
+    space is empty (search=none)."""
+
+    space: Dict[str, ParamSpace] = field(default_factory=dict)  # config key -> its distribution
+    objective: Objective = Objective.best_val_loss
+    direction: Direction = Direction.minimize
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    n_trials: int = 20  # finished trials (complete or pruned) the study ends with
+    n_workers: int = 1  # trials trained at once, each by its own worker process
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)  # params tried first, in order (e.g. the recipe's)
+    storage: Optional[str] = None  # null: Optuna's journal file in the sweep dir; or an RDB URL (sqlite:///..., postgresql://...)
+    dry_run: bool = False  # print the trials, workers and FLOPs of the search, and stop
+
+
 AUTO = "auto"  # batch_size=auto: the largest micro-batch that fits (nanogpt/parallel/autobatch.py)
 
 
@@ -199,6 +274,7 @@ class TrainConfig:
     resume: str = "auto"
     reproduce: Optional[str] = None  # a run dir: train its config again in a fresh dir
     on_nonfinite: NonFinite = NonFinite.stop  # a NaN/inf loss or gradient: stop | skip the step
+    search: SearchConfig = field(default_factory=SearchConfig)  # --multirun search=NAME: an Optuna search
 
 
 @dataclass
@@ -511,6 +587,6 @@ def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
     for key, value in values.items():
         if key not in schema:
             unknown.append(f"{prefix}{key}")
-        elif isinstance(value, dict) and isinstance(schema[key], dict):
+        elif isinstance(value, dict) and isinstance(schema[key], dict) and schema[key]:  # not a map (search.space)
             unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
     return unknown

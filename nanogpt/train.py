@@ -29,7 +29,7 @@ from nanogpt.config import AUTO, NonFinite, TrainConfig, check_world_size, confi
 from nanogpt.errors import UserError, user_errors
 from nanogpt.parallel import autobatch, distributed, launch
 from nanogpt.parallel.distributed import DistEnv
-from nanogpt.runs import from_nanogpt
+from nanogpt.runs import from_nanogpt, trial
 from nanogpt.runs.failures import as_user_error, interrupted, last_checkpoint_words
 from nanogpt.runs.metrics import Metrics, NoMetrics
 from nanogpt.runs.preflight import check_data_and_vocab, to_train_config
@@ -368,14 +368,16 @@ def all_finite(state_dict: dict) -> bool:
 
 
 def train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None = None,
-          env: DistEnv = DistEnv(), device: str | None = None) -> dict:
+          env: DistEnv = DistEnv(), device: str | None = None, on_eval: trial.OnEval | None = None) -> dict:
     """Train (or continue, from resume_from's checkpoint) and return the final step and losses.
     With several processes every rank runs this; only rank 0 writes metrics and checkpoints.
+    on_eval(step, val_loss) hears each evaluation after step 0 but the last (a search's trial):
+    when it returns True the run ends at that step, with a checkpoint, as "pruned".
 
     From its first line a stop signal only asks: the loop stops at its next step boundary, also
     when the signal came during start-up (model, optimizer, first evaluation), and says so."""
     with StopRequest() as stop:
-        return _train(config, run_dir, data_meta, resolved_config, resume_from, env, device, stop)
+        return _train(config, run_dir, data_meta, resolved_config, resume_from, env, device, stop, on_eval)
 
 
 def train_reading_checkpoint(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict,
@@ -389,7 +391,7 @@ def train_reading_checkpoint(config: TrainConfig, run_dir: Path, data_meta: dict
 
 
 def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config: dict, resume_from: dict | None,
-           env: DistEnv, device: str | None, stop: StopRequest) -> dict:
+           env: DistEnv, device: str | None, stop: StopRequest, on_eval: trial.OnEval | None = None) -> dict:
     import torch
 
     from nanogpt.data.batches import RandomWindows
@@ -540,6 +542,9 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                              f"{progress.train_seconds:.1f} s of training")
                     if config.stop_at_target:
                         end_step, ended_by = step, "target"
+                if on_eval is not None and 0 < step < end_step and not eval_only and on_eval(step, last_eval["val"]):
+                    end_step, ended_by = step, "pruned"  # the search's pruner: end here, saved below
+                    log.info(f"pruned at step {step}: the search's pruner ended this trial")
                 # the initial weights (step 0) are not ours to save: "best" ranks the trained ones
                 if step > 0 and not eval_only:
                     improved = last_eval["val"] < progress.best_val_loss
@@ -686,7 +691,7 @@ def _main(cfg: DictConfig) -> dict:
             elif env.is_distributed:  # one rank of torchrun or srun
                 result = launch.train_as_rank(train, config, run_dir, data_meta, resolved, resume_from, env)
             else:
-                result = train(config, run_dir, data_meta, resolved, resume_from)
+                result = train(config, run_dir, data_meta, resolved, resume_from, on_eval=trial.listener())
         except BaseException as e:
             stop_now = interrupted(e)
             if record:  # never in the way of the error itself: a full disk may refuse this write too
@@ -706,8 +711,8 @@ def _main(cfg: DictConfig) -> dict:
                 record.finish("preempted", outcome={"target": result.get("target")}, startup_seconds=startup, **chosen)
             hand_over(result["stopped_by"])  # in a submitit job: requeue it (exits)
             sys.exit(128 + int(result["stopped_by"]))
-        if record:
-            record.finish("done", outcome={k: result.get(k) for k in ("ended_by", "target", "train_seconds")},
+        if record:  # a trial that a search's pruner ended is finished too, but not done
+            record.finish("pruned" if result.get("ended_by") == "pruned" else "done", outcome={k: result.get(k) for k in ("ended_by", "target", "train_seconds")},
                           startup_seconds=startup, **chosen)
         return result
 

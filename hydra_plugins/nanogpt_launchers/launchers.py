@@ -32,6 +32,7 @@ from nanogpt.parallel.distributed import detect
 from nanogpt.runs import runlock, startup
 from nanogpt.runs.preflight import quiet_secondary_rank
 from nanogpt.sweeps import launcher
+from hydra_plugins.nanogpt_launchers import search
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ log = logging.getLogger(__name__)
 class Sweeper(BasicSweeper):
     """Hydra's basic sweeper (the product of the listed values), except that our launchers make the
     sweep dir and write multirun.yaml once every job passed its checks: Hydra's writes it first,
-    so a sweep refused before it ran left a sweep dir, or rewrote a finished sweep's record."""
+    so a sweep refused before it ran left a sweep dir, or rewrote a finished sweep's record.
+    A command that selects a search (search=NAME) gets an Optuna search instead of a grid (search.py)."""
 
     def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+        if search.is_search(self.config):
+            return search.run(self, arguments, local=isinstance(self.launcher, BasicLauncher))
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self.overrides = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]),
                                               self.max_batch_size)

@@ -78,8 +78,13 @@ def resolve(config: TrainConfig, tokens_per_step: int, flops_per_token: float) -
 
 def check(config: TrainConfig, vocab_size: int, world_size: int) -> Budget:
     """The budget a run of config will have, resolved before its dir exists (preflight): a budget
-    under one step is refused before any compute. The model is built on the meta device (no memory,
-    no initialisation) for its FLOPs per token."""
+    under one step is refused before any compute."""
+    return resolve(config, *per_step(config, vocab_size, world_size))
+
+
+def per_step(config: TrainConfig, vocab_size: int, world_size: int) -> tuple[int, float]:
+    """The tokens of one optimizer step and the training FLOPs per token of a run of config, before
+    it starts: the model is built on the meta device (no memory, no initialisation)."""
     import torch
 
     from nanogpt.model import GPT
@@ -87,4 +92,4 @@ def check(config: TrainConfig, vocab_size: int, world_size: int) -> Budget:
     batch = config.global_batch_size or (1 if config.batch_size == AUTO else config.batch_size) * world_size
     with torch.device("meta"):
         model = GPT(replace(config.model, vocab_size=config.model.vocab_size or vocab_size))
-    return resolve(config, batch * config.block_size, model.flops_per_token(config.block_size))
+    return batch * config.block_size, model.flops_per_token(config.block_size)

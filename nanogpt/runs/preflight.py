@@ -204,8 +204,8 @@ def check_working_dir(cfg: DictConfig) -> None:
 # Choices that belong to the whole command, not to one job: what runs the jobs (and where), and
 # which sweep it is. Swept, every job would get its own value and the launcher would use one; in
 # a single run (no --multirun) they do nothing.
-COMMAND_GROUPS = ("sweep", "launcher", "site", "hydra/launcher", "hydra/sweeper")
-COMMAND_KEYS = ("hydra.launcher.", "hydra.sweeper.", "hydra.sweep.")
+COMMAND_GROUPS = ("sweep", "search", "launcher", "site", "hydra/launcher", "hydra/sweeper")
+COMMAND_KEYS = ("hydra.launcher.", "hydra.sweeper.", "hydra.sweep.", "search.")
 
 
 def _command_overrides(config: DictConfig) -> list:

@@ -5,7 +5,7 @@ Every run dir gets, besides Hydra's `.hydra/` snapshot:
                           run rewrites it, and records what it changed in provenance.json
     provenance.json       code (git commit, branch, dirty flag, diff), command line, versions, host,
                           machine (CPU, cores, threads, GPUs), SLURM ids, seed, start/end time and
-                          status: running | done | failed | preempted; each resume appended to
+                          status: running | done | failed | preempted | pruned; each resume appended to
                           `resumes`; a reproduction's source run
     DONE                  written last, only when the run ended well
 

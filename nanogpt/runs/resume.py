@@ -45,10 +45,11 @@ RESUMABLE = (
     "on_nonfinite", "logger", "hardware.peak_flops", "hardware.compile", "hardware.deterministic", "data.num_threads", "data.dir",
     "data.source", "hardware.nproc_per_node", "hardware.nnodes", "hardware.backend",
     "hardware.fsdp", "hardware.cpus_per_process",
+    "search",  # the search a run is a trial of: it does not change the run (and runs from before it lack it)
 )
 RESUMABLE_IN_WORDS = ("max_iters and the budgets (max_tokens, max_flops, max_time, target_val_loss), eval/log "
                       "intervals, checkpoint settings, on_nonfinite, logger.*, data.dir/source, and the process "
-                      "count when the global batch stays the same")
+                      "count when the global batch stays the same, search.*")
 CHOICES = ("auto", "never")
 
 
