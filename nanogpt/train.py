@@ -712,7 +712,8 @@ def _main(cfg: DictConfig) -> dict:
             hand_over(result["stopped_by"])  # in a submitit job: requeue it (exits)
             sys.exit(128 + int(result["stopped_by"]))
         if record:  # a trial that a search's pruner ended is finished too, but not done
-            record.finish("pruned" if result.get("ended_by") == "pruned" else "done", outcome={k: result.get(k) for k in ("ended_by", "target", "train_seconds")},
+            status = "pruned" if result.get("ended_by") == "pruned" else "done"
+            record.finish(status, outcome={k: result.get(k) for k in ("ended_by", "target", "train_seconds")},
                           startup_seconds=startup, **chosen)
         return result
 
