@@ -112,7 +112,8 @@ def assert_lr_followed_the_time(trains: list[dict], max_seconds: float) -> None:
     before = 0.0
     for record in trains:
         expected = learning_rate_by_time(record["step"] - 1, before / max_seconds, 0.0, cfg)
-        assert record["lr"] == pytest.approx(expected, rel=1e-3, abs=1e-7), record
+        # (seconds rounded to the millisecond move the cosine by at most ~3e-7 here)
+        assert record["lr"] == pytest.approx(expected, rel=1e-3, abs=1e-6), record
         before = record["train_seconds"]
 
 
@@ -124,7 +125,8 @@ def test_a_time_budget_ends_saves_and_a_bigger_one_continues_the_count(workspace
     assert first["ended_by"] == "max_time" and first["status"] == "done"
     evals, trains = records(run_dir, "eval"), records(run_dir, "train")
     step = trains[-1]["step"]
-    assert trains[-2]["train_seconds"] < 3.0 <= trains[-1]["train_seconds"]  # ended after the step that spent it
+    # ended after the step that spent the time (metrics.jsonl rounds seconds to the millisecond: 2.9996 reads 3.0)
+    assert trains[-2]["train_seconds"] <= 3.0 <= trains[-1]["train_seconds"]
     assert evals[-1]["step"] == step  # evaluated at the end, and saved there
     assert load_file(run_dir / "checkpoints" / "last.pt")["step"] == step
     assert_lr_followed_the_time(trains, 3.0)
@@ -133,7 +135,7 @@ def test_a_time_budget_ends_saves_and_a_bigger_one_continues_the_count(workspace
     second = provenance(run_dir)
     trains = records(run_dir, "train")
     assert second["ended_by"] == "max_time" and len(second["resumes"]) == 1
-    assert trains[-1]["step"] > step and trains[-2]["train_seconds"] < 6.0 <= trains[-1]["train_seconds"]
+    assert trains[-1]["step"] > step and trains[-2]["train_seconds"] <= 6.0 <= trains[-1]["train_seconds"]
     assert second["train_seconds"] == trains[-1]["train_seconds"]
     # the run kept the horizon it started with (3 s): the added time trains at min_lr
     assert {r["lr"] for r in trains if r["step"] > step} == {1e-4}

@@ -27,7 +27,7 @@ from nanogpt.runs.preflight import to_train_config
 from nanogpt.train import train
 
 STEPS = 40
-ROUNDS = 5  # alternating ours/nanoGPT's; the machine's speed drifts by 20% between rounds
+ROUNDS = 3  # alternating ours/nanoGPT's; the machine's speed drifts by 20% between rounds
 
 
 def nanogpt_lr(it: int, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000) -> float:
