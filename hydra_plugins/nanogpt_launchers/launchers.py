@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt.errors import ConfigError, UserError, user_errors
 from nanogpt.parallel.distributed import detect
-from nanogpt.runs import runlock, startup
+from nanogpt.runs import runlock
 from nanogpt.runs.preflight import quiet_secondary_rank
 from nanogpt.sweeps import launcher
 from hydra_plugins.nanogpt_launchers import search
@@ -70,7 +70,6 @@ class BasicLauncher(_HydraBasicLauncher):
     """Hydra's basic launcher (the jobs one after the other, in this process)."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra.core.utils import configure_log
 
         setup_globals()
         jobs = launcher.plan_jobs(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
@@ -84,19 +83,8 @@ class BasicLauncher(_HydraBasicLauncher):
                 continue
             with open_dict(job.config):
                 job.config.hydra.job.id = job.num
-
-            def run_locked(job=job) -> JobReturn:
-                with user_errors():  # a dir still owned by a live process is this job's refusal
-                    lock = runlock.acquire(job.run_dir)  # the job's dir has one live owner, as a single run's
-                startup.clock.restart()  # each job's start-up is its own
-                try:
-                    return run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                   config=job.config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-                finally:
-                    lock.release()
-
-            outcomes.append(launcher.Outcome(job, launcher.run_one(job, run_locked)))
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            ret = launcher.run_here(job, self.hydra_context, self.task_function, self.config.hydra)
+            outcomes.append(launcher.Outcome(job, ret))
         launcher.check_all_finished(sweep_dir, outcomes)
         return launcher.in_job_order(jobs, [o.returned for o in outcomes])
 

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Callable, List
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobStatus, configure_log, run_job, setup_globals
+from hydra.core.utils import JobStatus, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt.errors import ConfigError, UserError, one_line, user_errors
+from nanogpt.errors import ConfigError, UserError, one_line
 from nanogpt.parallel.distributed import planned_world_size
-from nanogpt.runs import budgets, preflight, runlock, startup, trial as run_trial_hooks
+from nanogpt.runs import budgets, preflight, runlock, trial as run_trial_hooks
 from nanogpt.runs.preflight import to_train_config
 from nanogpt.sweeps import launcher, search, space as search_space
 
@@ -177,19 +177,8 @@ def _work(sweeper, overrides: List[str], settings, space, sweep_dir: Path, worke
         with open_dict(job.config):
             job.config.hydra.job.id = f"{trial.number}"
 
-        def run_locked():
-            with user_errors():
-                lock = runlock.acquire(job.run_dir)
-            startup.clock.restart()  # each trial's start-up is its own
-            try:
-                return run_job(hydra_context=sweeper.hydra_context, task_function=sweeper.launcher.task_function,
-                               config=job.config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-            finally:
-                lock.release()
-
         with run_trial_hooks.reporting_to(on_eval):
-            ret = launcher.run_one(job, run_locked)
-        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+            ret = launcher.run_here(job, sweeper.hydra_context, sweeper.launcher.task_function, config.hydra)
         if ret.status == JobStatus.COMPLETED:
             result = ret.return_value
             return search.TrialRun("pruned" if result.get("ended_by") == "pruned" else "complete", result)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from nanogpt.config import AUTO, TrainConfig, seconds
+from nanogpt.config import TrainConfig, seconds
 from nanogpt.errors import UserError
 
 
@@ -89,7 +89,7 @@ def per_step(config: TrainConfig, vocab_size: int, world_size: int) -> tuple[int
 
     from nanogpt.model import GPT
 
-    batch = config.global_batch_size or (1 if config.batch_size == AUTO else config.batch_size) * world_size
     with torch.device("meta"):
         model = GPT(replace(config.model, vocab_size=config.model.vocab_size or vocab_size))
+    batch = config.global_batch_size or config.batch_size * world_size  # batch_size=auto always has the former
     return batch * config.block_size, model.flops_per_token(config.block_size)

@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt.config import check_world_size
-from nanogpt.errors import ConfigError, UserError
+from nanogpt.errors import ConfigError, UserError, user_errors
 from nanogpt.parallel.distributed import planned_world_size
-from nanogpt.runs import preflight, runlock
+from nanogpt.runs import preflight, runlock, startup
 from nanogpt.runs.preflight import check_working_dir, to_train_config
 from nanogpt.runs.provenance import _read_json
 from nanogpt.runs.resume import flatten, plan_in_place
@@ -214,6 +214,25 @@ def run_one(job: SweepJob, run: Callable[[], JobReturn]) -> JobReturn:
     if ret.status == JobStatus.FAILED and not isinstance(ret._return_value, UserError) and not out_of_requeues(ret._return_value):
         error = ret._return_value  # a bug: Hydra caught it without a word; its traceback goes to the job's log
         log.error(f"{describe(job)} failed", exc_info=(type(error), error, error.__traceback__))
+    return ret
+
+
+def run_here(job: SweepJob, hydra_context, task_function, hydra_config: DictConfig) -> JobReturn:
+    """Run one job in this process (the basic launcher's jobs, a search's trials), through run_one:
+    its dir held by this process while it runs (one live owner, as a single run's), its start-up
+    timed on its own, and Hydra's own logging put back afterwards (run_job configures the job's)."""
+    def run_locked() -> JobReturn:
+        with user_errors():  # a dir still owned by a live process is this job's refusal
+            lock = runlock.acquire(job.run_dir)
+        startup.clock.restart()  # each job's start-up is its own
+        try:
+            return run_job(hydra_context=hydra_context, task_function=task_function, config=job.config,
+                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        finally:
+            lock.release()
+
+    ret = run_one(job, run_locked)
+    configure_log(hydra_config.hydra_logging, hydra_config.verbose)
     return ret
 
 
