@@ -173,3 +173,23 @@ def test_start_up_is_measured_and_a_stop_before_the_first_step_says_so(tmp_path)
     assert "'Time limits and start-up'" in warning
     record = json.loads((tmp_path / "runs/early/provenance.json").read_text())
     assert record["status"] == "preempted" and record["startup_seconds"]["total"] > 0
+
+
+def test_a_continued_run_keeps_config_keys_that_hold_a_dot():
+    """A search's trial records its search.space, whose keys are config keys (optim.lr): continuing
+    it (a requeued worker, resume=auto) keeps them as keys, with the command's RESUMABLE values.
+    Before, the flat name search.space.optim.lr.low was walked back as search.space.optim.lr ->
+    {lr: ...}, and the trial's resume failed with "Key 'lr' not in 'ParamSpace'"."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from nanogpt.runs.resume import continued_config
+
+    snapshot = OmegaConf.to_container(compose("train", ["search=lr_cpu", "max_iters=100"]), resolve=True,
+                                      enum_to_str=True)
+    command = compose("train", ["search=lr_cpu", "max_iters=200"])
+    command = OmegaConf.masked_copy(command, [k for k in command if k != "hydra"])
+    continued = continued_config(snapshot, command, "runs/trial-0000")
+    assert continued["max_iters"] == 200 and continued["optim"]["decay_iters"] == 100  # derived: the run's
+    assert continued["search"]["space"] == snapshot["search"]["space"]
+    assert "optim.lr" in continued["search"]["space"] and "optim" not in continued["search"]["space"]

@@ -100,16 +100,25 @@ def continued_config(snapshot: dict, composed: DictConfig, run_dir: Path | str, 
     stays where the run had it, so the schedule of the steps already taken goes on unchanged,
     and a command that repeats an extension is the same command again, not a change. (Its source,
     if not RESUMABLE, is compared on its own.) Any other difference raises ConfigError."""
-    run, wanted = flatten(snapshot), flatten(OmegaConf.to_container(composed, resolve=True, enum_to_str=True))
+    command = OmegaConf.to_container(composed, resolve=True, enum_to_str=True)
+    run, wanted = flatten(snapshot), flatten(command)
     for key in derived_keys(composed):
         if not is_resumable(key) and key in run:
             wanted[key] = run[key]
     refuse_changes(run, wanted, run_dir, way_out)
     continued = OmegaConf.create(snapshot)
-    for key, value in wanted.items():
-        if is_resumable(key):
-            OmegaConf.update(continued, key, value, merge=False, force_add=True)
+    # the command's RESUMABLE subtrees, whole: a key of a dict value may hold a dot (search.space's
+    # optim.lr), so the flat names above cannot be walked back into the tree
+    for key in ("resume", "reproduce", *RESUMABLE):
+        tree = command
+        for part in key.split("."):
+            tree = tree.get(part, _ABSENT) if isinstance(tree, dict) else _ABSENT
+        if tree is not _ABSENT:
+            OmegaConf.update(continued, key, tree, merge=False, force_add=True)
     return OmegaConf.to_container(continued)
+
+
+_ABSENT = object()  # a key the command's config does not have
 
 
 def refuse_overwrite(run_dir: Path) -> None:
