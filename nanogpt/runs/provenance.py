@@ -8,6 +8,7 @@ Every run dir gets, besides Hydra's `.hydra/` snapshot:
                           status: running | done | failed | preempted | pruned; each resume appended to
                           `resumes`; a reproduction's source run
     DONE                  written last, only when the run ended well
+    PRUNED                instead of DONE, when a search's pruner ended the run (a trial, nanogpt/sweeps/search.py)
 
 Environment variables are never recorded: API keys and tokens live there.
 """
@@ -162,7 +163,8 @@ class RunRecord:
                 "warnings": warnings,
             })
             self.record.update(status="running", end_time=None)
-            (self.run_dir / "DONE").unlink(missing_ok=True)
+            for marker in ("DONE", "PRUNED"):
+                (self.run_dir / marker).unlink(missing_ok=True)
         else:
             warnings = []
             self.record = {"status": "running", **this_start, "end_time": None, "world_size": world_size, "seed": seed,
@@ -197,8 +199,8 @@ class RunRecord:
             {k: v for k, v in this_start.items() if v is not None})
         try:
             self._write()
-            if status == "done":
-                (self.run_dir / "DONE").write_text(self.record["end_time"] + "\n")
+            if status in ("done", "pruned"):
+                (self.run_dir / status.upper()).write_text(self.record["end_time"] + "\n")
         except OSError as e:
             raise write_error(e.filename or self.run_dir / "provenance.json", e, self.run_dir) from e
 
