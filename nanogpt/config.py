@@ -230,7 +230,9 @@ class SearchConfig:
     n_workers: int = 1  # trials trained at once, each by its own worker process
     enqueue: List[Dict[str, Any]] = field(default_factory=list)  # params tried first, in order (e.g. the recipe's)
     storage: Optional[str] = None  # null: Optuna's journal file in the sweep dir; or an RDB URL (sqlite:///..., postgresql://...)
-    dry_run: bool = False  # print the trials, workers and FLOPs of the search, and stop
+    reask_lost: bool = True  # a trial whose worker died is failed, and its params asked again in a new trial (false: only failed)
+    dry_run: bool = False  # print the trials, workers, FLOPs and device-hours of the search, and stop
+    assumed_mfu: float = 0.4  # the MFU that turns the search's FLOPs into device-hours (dry run); measure yours with nanogpt-bench
 
 
 AUTO = "auto"  # batch_size=auto: the largest micro-batch that fits (nanogpt/parallel/autobatch.py)

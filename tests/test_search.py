@@ -208,6 +208,8 @@ def test_dry_run_prints_the_search_and_writes_nothing(tmp_path, data_dir):
     # 20 steps x 4 x 16 tokens, at the tiny model's FLOPs per token (6N + 12 L C T)
     assert "each trial trains 20 steps (max_iters=20): 1,280 tokens" in out
     assert "FLOPs for 30 trials" in out
+    # 30 x 1,280 tokens x the FLOPs per token, at 40% of TINY's hardware.peak_flops=1e11
+    assert "device-hours: " in out and "at 40% MFU (search.assumed_mfu) of 1e+11 FLOP/s per device" in out
     assert not (tmp_path / "sweep").exists()
 
 
@@ -221,9 +223,13 @@ def test_dry_run_prints_the_search_and_writes_nothing(tmp_path, data_dir):
     ([LR_AND_DROPOUT, "search.n_workers=0"], ["search.n_workers=0", "at least 1 worker"]),
     ([LR_AND_DROPOUT, "search.objective=time_to_target"], ["target_val_loss", "not set"]),
     ([LR_AND_DROPOUT, "optim.lr=1e-3"], ["optim.lr is set on the command line and searched"]),
-    ([LR_AND_DROPOUT, "launcher=submitit_local"], ["launcher=submitit_local is not supported for a search yet"]),
+    ([LR_AND_DROPOUT, "launcher=submitit_local",  # hydra-submitit-launcher's own class, not ours
+      "hydra.launcher._target_=hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"],
+     ["submitit_launcher.LocalLauncher is not supported for a search",
+      "launcher=local, submitit_local, slurm or preemptible"]),
+    ([LR_AND_DROPOUT, "search.assumed_mfu=0"], ["search.assumed_mfu=0", "(0, 1]"]),
 ], ids=["unknown-key", "low-above-high", "log-low-zero", "categorical-fails-check", "unknown-objective",
-        "zero-trials", "zero-workers", "target-not-set", "searched-and-set", "other-launcher"])
+        "zero-trials", "zero-workers", "target-not-set", "searched-and-set", "other-launcher", "assumed-mfu"])
 def test_bad_search_is_one_line_and_writes_nothing(tmp_path, data_dir, args, fragments):
     """Must-show 7: each mistake is one line, exit 2, before anything is written."""
     result = search(tmp_path, data_dir, "search=none", *args)
@@ -272,3 +278,42 @@ def test_objectives_read_the_run_result():
         assert objective_value(SearchConfig(objective=Objective(objective)), result) == value
     # a run that never reached its target: the worst cost, not a failure
     assert objective_value(SearchConfig(objective=Objective.time_to_target), {**result, "target": None}) == float("inf")
+
+
+@pytest.mark.parametrize("reask", [True, False])
+def test_a_trial_whose_worker_died_is_failed_and_asked_again_by_config(tmp_path, reask):
+    """recover() on a real journal study: a running trial with no live owner is marked failed; with
+    search.reask_lost (the default) its params come back first, as a new trial that names it;
+    without, the sampler picks the next trial. A trial whose run dir is owned is left running."""
+    from nanogpt.config import SearchConfig
+    from nanogpt.runs import runlock
+    from nanogpt.sweeps import search as engine
+    from nanogpt.sweeps.space import distributions
+
+    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchConfig), {
+        "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "reask_lost": reask}))
+    space = distributions(settings, compose("train", ["search=none"]), check=lambda config: None)
+    study_ = engine.open_study(settings, space, tmp_path, create=True)
+    dead, alive = study_.ask(space), study_.ask(space)
+    lock = runlock.acquire(tmp_path / engine.trial_dir_name(alive.number))  # a live worker trains this one
+
+    def busy(run_dir: Path) -> bool:
+        try:
+            runlock.check_free(run_dir)
+        except runlock.RunDirBusy:
+            return True
+        return False
+
+    try:
+        assert engine.recover(study_, tmp_path, is_busy=busy, reask=settings.reask_lost) == [dead.number]
+    finally:
+        lock.release()
+    trials = study(tmp_path).get_trials()
+    assert [t.state.name for t in trials[:2]] == ["FAIL", "RUNNING"]
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    if reask:
+        (retry,) = waiting
+        assert retry.system_attrs["fixed_params"] == dead.params  # what the next ask() hands out
+        assert retry.user_attrs["retry_of"] == dead.number
+    else:
+        assert waiting == []

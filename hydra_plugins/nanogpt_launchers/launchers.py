@@ -45,7 +45,9 @@ class Sweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
         if search.is_search(self.config):
-            return search.run(self, arguments, local=isinstance(self.launcher, BasicLauncher))
+            workers = "local" if isinstance(self.launcher, BasicLauncher) else \
+                "submitit" if isinstance(self.launcher, _Submitit) else "other"
+            return search.run(self, arguments, workers)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self.overrides = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]),
                                               self.max_batch_size)
@@ -133,8 +135,14 @@ class _Submitit(BaseSubmititLauncher):
         launcher.check_all_finished(sweep_dir, outcomes, limits=self._limits())
         return launcher.in_job_order(jobs, [o.returned for o in outcomes])
 
-    def submit(self, params: list) -> list:
-        return self.executor().map_array(self, *zip(*params))
+    def submit(self, params: list, function=None, **resources) -> list:
+        """One array of jobs, one per tuple of arguments in params: each calls function (this
+        launcher's __call__, a grid's job, by default) with them. resources: executor parameters
+        that differ from the launcher's (a search's worker jobs)."""
+        executor = self.executor()
+        if resources:
+            executor.update_parameters(**resources)
+        return executor.map_array(function or self, *zip(*params))
 
     def _limits(self) -> str:
         return ", ".join(f"{key}={self.params[key]}" for key in ("timeout_min", "max_num_timeout") if key in self.params)
@@ -196,7 +204,7 @@ class SlurmLauncher(_Submitit, _SubmititSlurm):
 
     on_this_machine = False  # the jobs' devices are on their nodes, not on the login node
 
-    def submit(self, params: list) -> list:
+    def submit(self, params: list, function=None, **resources) -> list:
         """No SLURM here, or sbatch's refusal (no controller answers, an unknown partition or account), as
         one line (submitit prints sbatch's stderr itself, which the line already holds)."""
         from submitit.core.utils import FailedJobError
@@ -208,7 +216,7 @@ class SlurmLauncher(_Submitit, _SubmititSlurm):
         printed = io.StringIO()
         try:
             with contextlib.redirect_stderr(printed):
-                return super().submit(params)
+                return super().submit(params, function, **resources)
         except FailedJobError as e:
             said = [line.strip() for line in (str(e) or printed.getvalue()).splitlines() if line.strip()]
             raise UserError(f"SLURM refused the sweep ({said[-1].rstrip('.') if said else 'sbatch failed'}), nothing was "

@@ -1,13 +1,19 @@
 """`nanogpt-train --multirun search=NAME`: an Optuna search run by the sweeper (launchers.Sweeper
-hands a sweep over here when the command selects a search), with its workers as local processes.
+hands a sweep over here when the command selects a search), with its workers where the launcher
+group says: local processes (launcher=local), or submitit jobs, on this machine
+(launcher=submitit_local) or as one SLURM job array (launcher=slurm, preemptible).
 
 The command's process is the driver: it checks the search (one line per mistake, before anything
 is written), prints what it will do (and stops there with search.dry_run=true), makes the sweep
 dir and the study, marks trials whose worker died (resume), and starts search.n_workers workers.
-Each worker is the same command again, with NANOGPT_SEARCH_WORKER=<its index> and the sweep dir
-fixed: it composes each trial's config as the launchers compose a job's (frozen, checked), trains
-it in this process through Hydra's run_job, and reports to the study (nanogpt/sweeps/search.py).
-A job of another launcher (submitit, SLURM) can run a worker the same way.
+A worker composes each trial's config as the launchers compose a job's (frozen, checked), trains
+it in its own process through Hydra's run_job, and reports to the study (nanogpt/sweeps/search.py):
+
+- a local worker is the same command again, with NANOGPT_SEARCH_WORKER=<its index> and the sweep
+  dir fixed;
+- a submitit worker is a WorkerJob, one task of an array. A preempted or timed-out worker saves its
+  trial's checkpoint (the run's own signal handling), submitit requeues the job with the same
+  worker index, and the requeued worker first continues the trial it left running.
 """
 
 # no `from __future__ import annotations`: Hydra imports plugin modules without registering them in sys.modules
@@ -20,10 +26,11 @@ from pathlib import Path
 from typing import Callable, List
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobStatus, setup_globals
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobStatus, configure_log, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt.errors import ConfigError, UserError, one_line
+from nanogpt.errors import ConfigError, UserError, one_line, user_errors
 from nanogpt.parallel.distributed import planned_world_size
 from nanogpt.runs import budgets, preflight, runlock, trial as run_trial_hooks
 from nanogpt.runs.preflight import to_train_config
@@ -39,14 +46,15 @@ def is_search(config: DictConfig) -> bool:
     return bool(OmegaConf.select(config, "search.space"))
 
 
-def run(sweeper, arguments: List[str], local: bool) -> list:
-    """The search of the command: as its driver, or as one of its workers. local: the command's
-    launcher runs jobs on this machine (launcher=local)."""
+def run(sweeper, arguments: List[str], workers: str) -> list:
+    """The search of the command: as its driver, or as one of its local workers. workers: how the
+    command's launcher runs them: "local" (processes), "submitit" (jobs of its executor) or
+    "other" (a Hydra launcher of another plugin: refused)."""
     config, loader = sweeper.config, sweeper.hydra_context.config_loader
-    if not local:
-        chosen = config.hydra.runtime.choices.get("launcher")
-        raise ConfigError(f"search=... runs its workers as local processes, and launcher={chosen} is not supported "
-                          f"for a search yet: drop launcher= (search.n_workers sets how many trials run at once)")
+    if workers == "other":
+        raise ConfigError(f"search=... runs its workers as local processes or submitit jobs, and the launcher "
+                          f"{config.hydra.launcher._target_} is not supported for a search: use launcher=local, "
+                          f"submitit_local, slurm or preemptible")
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     swept = [o.input_line for o in parsed if o.is_sweep_override()]
     if swept or OmegaConf.select(config, "hydra.sweeper.params"):
@@ -57,6 +65,9 @@ def run(sweeper, arguments: List[str], local: bool) -> list:
     train_config = to_train_config(config)
     settings = train_config.search
     search.check(settings, {"target_val_loss": train_config.target_val_loss})
+    if workers == "submitit" and train_config.hardware.nnodes > 1:
+        raise ConfigError(f"hardware.nnodes={train_config.hardware.nnodes}: a search's worker job trains its trials on "
+                          f"one node; search with trials of one node (hardware.nproc_per_node processes each)")
     if planned_world_size(train_config.hardware) > 1 and settings.pruner.name.value != "none":
         raise ConfigError("a pruned search hears each trial's evaluations in its worker's process, and "
                           "hardware.nproc_per_node > 1 trains in other processes: use one process per trial, or "
@@ -72,15 +83,18 @@ def run(sweeper, arguments: List[str], local: bool) -> list:
     sweep_dir = Path(str(config.hydra.sweep.dir))
     worker = os.environ.get(WORKER_ENV)
     if worker is not None:
-        return _work(sweeper, overrides, settings, space, sweep_dir, int(worker))
-    return _drive(sweeper, overrides, train_config, settings, space, sweep_dir)
+        _work(sweeper.hydra_context, sweeper.launcher.task_function, config, overrides, settings, space, sweep_dir,
+              int(worker))
+        return []
+    return _drive(sweeper, overrides, train_config, settings, space, sweep_dir, workers)
 
 
-def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_dir: Path) -> list:
+def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_dir: Path, workers: str) -> list:
     config, loader = sweeper.config, sweeper.hydra_context.config_loader
+    on_this_machine = workers == "local" or sweeper.launcher.on_this_machine
     # the base config checked as a job's would be (init_from, optimizer, device, data and vocab)
     (base,) = launcher.plan_jobs(loader, config, [[*overrides, "hydra.sweep.subdir=trial-check"]], 0)
-    launcher.check_jobs([base], on_this_machine=True)
+    launcher.check_jobs([base], on_this_machine=on_this_machine)
     meta = preflight.check_data_and_vocab(train_config)
     world_size = planned_world_size(train_config.hardware)
     tokens_per_step, flops_per_token = budgets.per_step(train_config, meta["vocab_size"], world_size)
@@ -89,18 +103,28 @@ def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_d
     words = search.budget_words(train_config, budget)
     if any(key.startswith("model.") or key in ("block_size", "batch_size", "global_batch_size") for key in space):
         words += " (at the base config: the space changes the model or batch)"
-    for line in search.describe(settings, space, tokens, flops_per_token, words):
+    resources = _worker_resources(sweeper.launcher, train_config) if workers == "submitit" else None
+    where = _where_words(config, settings.n_workers, resources)
+    for line in search.describe(settings, space, tokens, flops_per_token, words, where):
         log.info(line)
+    for line in search.device_hours(settings, train_config, budget, tokens, flops_per_token, world_size):
+        log.info(line)
+    if resources is not None:
+        log.info("each worker job: " + ", ".join(f"{k}={v}" for k, v in resources.items() if v is not None))
+        if not resources.get("max_num_timeout"):
+            log.info("note: a worker job trains trial after trial; one that reaches timeout_min is not requeued "
+                     "(max_num_timeout=0) and its trial is asked again from the start: launcher=preemptible requeues "
+                     "it to continue the trial from its checkpoint")
     if settings.dry_run:
         log.info(f"dry run (search.dry_run=true): nothing was written; {sweep_dir} would hold the study and the trials")
         return []
 
     launcher.make_sweep_dir(config)
     study = search.open_study(settings, space, sweep_dir, create=True)
-    lost = search.recover(study, sweep_dir, is_busy=_busy)
+    lost = search.recover(study, sweep_dir, is_busy=_busy, reask=settings.reask_lost)
     if lost:
-        log.info(f"trials {', '.join(map(str, lost))} were left running by a worker that died: marked failed, "
-                 f"their params asked again in new trials")
+        log.info(f"trials {', '.join(map(str, lost))} were left running by a worker that died: marked failed"
+                 + (", their params asked again in new trials" if settings.reask_lost else ""))
     counts = search.count(study)
     if search.finished(counts) >= settings.n_trials:
         log.info(f"the study already holds {search.finished(counts)} finished trials (search.n_trials="
@@ -108,7 +132,16 @@ def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_d
     else:
         log.info(f"study: {sweep_dir / search.JOURNAL}; {search.finished(counts)} of {settings.n_trials} trials "
                  f"finished; starting {settings.n_workers} worker{'s' * (settings.n_workers > 1)}")
-        _run_workers(config, overrides, sweep_dir, settings.n_workers)
+        if workers == "local":
+            _run_workers(config, overrides, sweep_dir, settings.n_workers)
+        else:
+            _submit_workers(sweeper, overrides, settings, space, sweep_dir, resources)
+        # a worker that died (killed, out of memory) left its trial running: failed now, its params asked again
+        lost = search.recover(search.open_study(settings, space, sweep_dir), sweep_dir, is_busy=_busy,
+                              reask=settings.reask_lost)
+        if lost:
+            log.warning(f"trials {', '.join(map(str, lost))} were left running by a worker that died: marked failed"
+                        + (", their params to be asked again" if settings.reask_lost else ""))
     _summary(search.open_study(settings, space, sweep_dir), settings, sweep_dir, overrides)
     return []
 
@@ -159,9 +192,11 @@ def _busy(run_dir: Path) -> bool:
     return False
 
 
-def _work(sweeper, overrides: List[str], settings, space, sweep_dir: Path, worker: int) -> list:
-    """One worker: trials asked from the study and trained here, until the study has its trials."""
-    config, loader = sweeper.config, sweeper.hydra_context.config_loader
+def _work(hydra_context, task_function, config: DictConfig, overrides: List[str], settings, space, sweep_dir: Path,
+          worker: int) -> int:
+    """One worker: trials asked from the study and trained in this process, until the study has its
+    trials. Returns how many it trained."""
+    loader = hydra_context.config_loader
     setup_globals()
     study = search.open_study(settings, space, sweep_dir, worker=worker)
 
@@ -178,12 +213,86 @@ def _work(sweeper, overrides: List[str], settings, space, sweep_dir: Path, worke
             job.config.hydra.job.id = f"{trial.number}"
 
         with run_trial_hooks.reporting_to(on_eval):
-            ret = launcher.run_here(job, sweeper.hydra_context, sweeper.launcher.task_function, config.hydra)
+            ret = launcher.run_here(job, hydra_context, task_function, config.hydra)
         if ret.status == JobStatus.COMPLETED:
             result = ret.return_value
             return search.TrialRun("pruned" if result.get("ended_by") == "pruned" else "complete", result)
         return search.TrialRun("failed", error=one_line(ret._return_value))
 
-    trained = search.work(study, settings, space, sweep_dir, run_trial, worker)
+    trained = search.work(study, settings, space, sweep_dir, run_trial, worker, is_busy=_busy)
     log.info(f"worker {worker}: done, {trained} trial{'s' * (trained != 1)} trained")
-    return []
+    return trained
+
+
+# the worker job's resources that differ from a grid job's: the rest is the launcher's own (hydra.launcher.*)
+WORKER_RESOURCES = ("tasks_per_node", "cpus_per_task", "gpus_per_node")
+
+
+def _worker_resources(hydra_launcher, train_config) -> dict:
+    """What each worker job asks for: one task on one node that trains its trials one after the
+    other, each with hardware.nproc_per_node processes that nanogpt-train starts itself (as under
+    submitit_local), so the task gets their CPUs and GPUs; the rest is the launcher's
+    (conf/launcher/*.yaml and the site)."""
+    params, hardware = hydra_launcher.params, train_config.hardware
+    cpus = hardware.cpus_per_process
+    resources = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": params.get("gpus_per_node"),
+                 "cpus_per_task": None if cpus is None else cpus * hardware.nproc_per_node}
+    for key in ("mem_gb", "timeout_min", "max_num_timeout", "partition", "account", "qos", "constraint"):
+        if params.get(key) is not None:
+            resources[key] = params[key]
+    return resources
+
+
+def _where_words(config: DictConfig, n_workers: int, resources: dict | None) -> str:
+    workers = f"{n_workers} worker{'s' * (n_workers > 1)}"
+    if resources is None:
+        return f"{n_workers} local worker{'s' * (n_workers > 1)}"
+    chosen = config.hydra.runtime.choices.get("launcher")
+    if chosen == "submitit_local":
+        return f"{workers} as submitit_local jobs"
+    return f"{workers} as one SLURM job array (launcher={chosen})"
+
+
+def _submit_workers(sweeper, overrides: List[str], settings, space, sweep_dir: Path, resources: dict) -> None:
+    """search.n_workers WorkerJobs as one array of the launcher's executor; waits for them all."""
+    job = WorkerJob(sweeper.hydra_context, sweeper.launcher.task_function, sweeper.config, overrides, settings,
+                    space, sweep_dir)
+    asked = {key: resources[key] for key in WORKER_RESOURCES if resources.get(key) is not None}
+    submitted = sweeper.launcher.submit([(i,) for i in range(settings.n_workers)], function=job, **asked)
+    log.info(f"workers submitted: job{'s' * (len(submitted) > 1)} {', '.join(s.job_id for s in submitted)}; their "
+             f"logs in {sweep_dir / '.submitit'}")
+    for i, submission in enumerate(submitted):
+        try:
+            error = submission.exception()  # waits for it
+        except Exception as e:  # submitit could not tell how it ended (its state, its pickled result)
+            error = e
+        if error is not None:
+            why = str(error).strip().splitlines()
+            log.warning(f"worker {i} (job {submission.job_id}) ended without finishing: "
+                        f"{why[-1] if why else type(error).__name__}; its log: {submission.paths.stderr}")
+
+
+class WorkerJob:
+    """A search's worker as a submitit job (one task of an array), called with its worker index.
+    When its job is preempted or reaches its time limit, the run it trains saves and hands the
+    signal to submitit (nanogpt/runs/signals.py), which calls checkpoint() and requeues the job
+    with the same index: the requeued worker continues the trial it left running."""
+
+    def __init__(self, hydra_context, task_function, config: DictConfig, overrides: List[str], settings, space,
+                 sweep_dir: Path) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+        self.overrides, self.settings, self.space, self.sweep_dir = overrides, settings, space, sweep_dir
+        self.singleton_state = Singleton.get_state()  # Hydra's state (config store, ...) for the job's process
+
+    def __call__(self, worker: int) -> int:
+        Singleton.set_state(self.singleton_state)
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        with user_errors():
+            return _work(self.hydra_context, self.task_function, self.config, self.overrides, self.settings,
+                         self.space, self.sweep_dir, worker)
+
+    def checkpoint(self, worker: int):
+        """submitit's hook on preemption or a time limit: the same worker again."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, worker)

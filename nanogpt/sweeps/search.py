@@ -63,6 +63,9 @@ def check(search: SearchConfig, objective_needs: dict) -> None:
         raise ConfigError(f"search.n_trials={search.n_trials}: a search needs at least 1 trial")
     if search.n_workers < 1:
         raise ConfigError(f"search.n_workers={search.n_workers}: a search needs at least 1 worker")
+    if not 0 < search.assumed_mfu <= 1:
+        raise ConfigError(f"search.assumed_mfu={search.assumed_mfu} is not a fraction of the peak: give one in (0, 1], "
+                          f"e.g. the MFU nanogpt-bench measures")
     objective = Objective(search.objective)
     if objective.name.endswith("_to_target") and objective_needs.get("target_val_loss") is None:
         raise ConfigError(f"search.objective={objective.value} measures the time to target_val_loss, which is not set: "
@@ -200,10 +203,10 @@ def finished(counts: dict[str, int]) -> int:
     return sum(counts.get(state, 0) for state in FINISHED)
 
 
-def recover(study: "optuna.Study", sweep_dir: Path, is_busy: Callable[[Path], bool]) -> list[int]:
+def recover(study: "optuna.Study", sweep_dir: Path, is_busy: Callable[[Path], bool], reask: bool = True) -> list[int]:
     """Trials left running by a worker that died (their run dir has no live owner): each is
-    marked failed and its params asked again, first, in a new trial (and so a new run dir).
-    Returns their numbers."""
+    marked failed and, with reask (search.reask_lost), its params are asked again, first, in a
+    new trial (and so a new run dir). Returns their numbers."""
     from optuna.trial import TrialState
 
     lost = []
@@ -211,7 +214,8 @@ def recover(study: "optuna.Study", sweep_dir: Path, is_busy: Callable[[Path], bo
         if is_busy(sweep_dir / trial_dir_name(trial.number)):
             continue  # its worker is alive (another command is working on this study)
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={RETRY_ATTR: trial.number})
+        if reask:
+            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_ATTR: trial.number})
         lost.append(trial.number)
     return lost
 
@@ -225,17 +229,35 @@ class TrialRun:
     error: str | None = None  # failed: why, in one line
 
 
-def work(study: "optuna.Study", search: SearchConfig, space: dict[str, "BaseDistribution"], sweep_dir: Path,
-         run_trial: Callable[["optuna.Trial", Callable[[int, float], bool]], TrialRun], worker: int = 0) -> int:
-    """One worker: ask a trial, train it (run_trial(trial, on_eval)), tell how it ended; again,
-    until the study holds n_trials finished trials or none is left to ask. Returns the trials
-    this worker trained. Failed trials do not count: the worker asks again, up to n_trials of
-    them in the study, after which a search that only fails stops."""
-    from optuna.storages.journal import JournalFileOpenLock
+def unfinished_of(study: "optuna.Study", sweep_dir: Path, worker: int,
+                  is_busy: Callable[[Path], bool]) -> list["optuna.trial.FrozenTrial"]:
+    """The trials this worker left running and no live process trains: a worker job that was
+    preempted (or reached its time limit) and requeued finds its trial here, saved at the step
+    where the signal came, and continues it in its run dir."""
     from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") == worker and not is_busy(sweep_dir / trial_dir_name(t.number))]
+
+
+def work(study: "optuna.Study", search: SearchConfig, space: dict[str, "BaseDistribution"], sweep_dir: Path,
+         run_trial: Callable[["optuna.Trial", Callable[[int, float], bool]], TrialRun], worker: int = 0,
+         is_busy: Callable[[Path], bool] = lambda run_dir: False) -> int:
+    """One worker: first the trials it left running before a requeue (unfinished_of), resumed
+    from their checkpoints; then ask a trial, train it (run_trial(trial, on_eval)), tell how it
+    ended; again, until the study holds n_trials finished trials or none is left to ask. Returns
+    the trials this worker trained. Failed trials do not count: the worker asks again, up to
+    n_trials of them in the study, after which a search that only fails stops."""
+    import optuna
+    from optuna.storages.journal import JournalFileOpenLock
 
     ask_lock = JournalFileOpenLock(str(sweep_dir / ASK_LOCK))
     trained = 0
+    for left in unfinished_of(study, sweep_dir, worker, is_busy):
+        trial = optuna.Trial(study, left._trial_id)
+        log.info(f"worker {worker}: trial {left.number} was left running by this worker's last start: continuing it")
+        _train_and_tell(study, search, trial, run_trial)
+        trained += 1
     while True:
         ask_lock.acquire()  # counting and asking as one: two workers never ask for the last trial both
         try:
@@ -246,39 +268,49 @@ def work(study: "optuna.Study", search: SearchConfig, space: dict[str, "BaseDist
                 raise UserError(f"{counts['FAIL']} trials of the search failed, as many as search.n_trials: see "
                                 f"their train.log in {sweep_dir}/trial-*/ (the same command continues the search)")
             trial = study.ask(space)
+            trial.set_user_attr("worker", worker)  # before the lock goes: a requeued worker finds its trial by it
         finally:
             ask_lock.release()
-        trial.set_user_attr("worker", worker)
+        _train_and_tell(study, search, trial, run_trial)
         trained += 1
 
-        def on_eval(step: int, val_loss: float) -> bool:
-            """Each evaluation's val loss, reported to the trial: True when the pruner ends it."""
-            trial.report(val_loss, step)
-            return trial.should_prune()
 
-        try:
-            outcome = run_trial(trial, on_eval)
-        except Exception as e:  # a bug: the trial is failed in the study, not left running, and the worker ends
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        if outcome.state == "complete":
-            value = objective_value(search, outcome.result)
-            study.tell(trial, value)
-            log.info(f"trial {trial.number}: {Objective(search.objective).value}={value:.6g}")
-        elif outcome.state == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info(f"trial {trial.number}: pruned at step {outcome.result.get('step')}")
-        else:
-            trial.set_user_attr("error", outcome.error or "failed")
-            study.tell(trial, state=TrialState.FAIL)
-            log.warning(f"trial {trial.number} failed: {outcome.error}")
+def _train_and_tell(study: "optuna.Study", search: SearchConfig, trial: "optuna.Trial",
+                    run_trial: Callable[["optuna.Trial", Callable[[int, float], bool]], TrialRun]) -> None:
+    """Train one trial and tell the study how it ended. A worker stopped by a signal (SystemExit,
+    after the run saved) tells nothing: the trial stays running, for the requeued worker."""
+    from optuna.trial import TrialState
+
+    def on_eval(step: int, val_loss: float) -> bool:
+        """Each evaluation's val loss, reported to the trial: True when the pruner ends it."""
+        if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:  # a resumed trial re-evaluates
+            trial.report(val_loss, step)
+        return trial.should_prune()
+
+    try:
+        outcome = run_trial(trial, on_eval)
+    except Exception:  # a bug: the trial is failed in the study, not left running, and the worker ends
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    if outcome.state == "complete":
+        value = objective_value(search, outcome.result)
+        study.tell(trial, value)
+        log.info(f"trial {trial.number}: {Objective(search.objective).value}={value:.6g}")
+    elif outcome.state == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info(f"trial {trial.number}: pruned at step {outcome.result.get('step')}")
+    else:
+        trial.set_user_attr("error", outcome.error or "failed")
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning(f"trial {trial.number} failed: {outcome.error}")
 
 
 def describe(search: SearchConfig, space: dict[str, "BaseDistribution"], tokens_per_trial: int | None,
-             flops_per_token: float, per_trial: str) -> list[str]:
-    """What a search will do, before it does it: the dry run's lines (and the first lines of a real one)."""
+             flops_per_token: float, per_trial: str, workers: str) -> list[str]:
+    """What a search will do, before it does it: the dry run's lines (and the first lines of a real
+    one). workers: where they run, in words ("2 local workers")."""
     lines = [f"search: {search.n_trials} trials of {SamplerName(search.sampler.name).value} (seed "
-             f"{search.sampler.seed}), {search.n_workers} local worker{'s' * (search.n_workers > 1)}, "
+             f"{search.sampler.seed}), {workers}, "
              f"{Objective(search.objective).value} ({Direction(search.direction).value}), pruner "
              f"{PrunerName(search.pruner.name).value}"]
     for key, d in space.items():
@@ -291,6 +323,27 @@ def describe(search: SearchConfig, space: dict[str, "BaseDistribution"], tokens_
     else:
         lines.append(f"compute: {per_trial}")
     return lines
+
+
+def device_hours(search: SearchConfig, train_config, budget, tokens_per_trial: int | None, flops_per_token: float,
+                 devices_per_trial: int) -> list[str]:
+    """The device-hours of the whole search at most (every trial to its end; pruning saves some),
+    in words. Under max_time it is exact: trials x max_time x devices per trial (training time;
+    evaluation and start-up come on top). Otherwise the search's FLOPs at search.assumed_mfu of
+    hardware.peak_flops per device: device-seconds = FLOPs / (peak x MFU)."""
+    n = search.n_trials
+    if budget.by_time:
+        hours = n * budget.max_seconds * devices_per_trial / 3600
+        return [f"device-hours: {hours:.3g} at most ({n} trials x {train_config.max_time} of training x "
+                f"{devices_per_trial} device{'s' * (devices_per_trial > 1)}; evaluation and start-up come on top)"]
+    peak = train_config.hardware.peak_flops
+    if peak is None:
+        return ["device-hours: not estimated, as hardware.peak_flops is not set: set it to the device's dense FLOP/s "
+                "(e.g. hardware.peak_flops=989e12 for an H100 in bf16) to see them"]
+    flops = tokens_per_trial * flops_per_token * n
+    hours = flops / (peak * search.assumed_mfu) / 3600
+    return [f"device-hours: {hours:.3g} at most: {flops:.3g} FLOPs at {search.assumed_mfu:.0%} MFU "
+            f"(search.assumed_mfu) of {peak:.3g} FLOP/s per device (hardware.peak_flops)"]
 
 
 def _describe_distribution(d) -> str:
