@@ -244,6 +244,7 @@ def _worker_resources(hydra_launcher, train_config) -> dict:
 
 
 def _where_words(config: DictConfig, n_workers: int, resources: dict | None) -> str:
+    """Where the workers run, for the plan's first line."""
     workers = f"{n_workers} worker{'s' * (n_workers > 1)}"
     if resources is None:
         return f"{n_workers} local worker{'s' * (n_workers > 1)}"
