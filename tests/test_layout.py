@@ -35,7 +35,7 @@ MAY_IMPORT = {
     "hydra_plugins.nanogpt_launchers": FOUNDATION | {"nanogpt.parallel", "nanogpt.runs", "nanogpt.sweeps"},
 }
 ENTRYPOINTS = ("train", "sample", "bench", "prepare")  # Hydra's: they answer --cfg job and --help
-PLAIN_ENTRYPOINTS = ("gpu_check",)  # argparse's: they answer --help
+PLAIN_ENTRYPOINTS = ("gpu_check", "sweeps.dashboard")  # argparse's: they answer --help
 HEAVY = ("torch", "numpy", "tiktoken", "wandb", "submitit", "matplotlib", "datasets", "optuna")
 
 
