@@ -163,11 +163,15 @@ def test_finds_a_relative_sqlite_storage_from_multirun_yaml(tmp_path, dashboard,
 
 
 def test_mistakes_are_one_line_each(tmp_path):
-    """A file, a dir without a study, a grid sweep's dir, a moved sqlite database, a bad port, a port
-    in use: one line each, exit status 2, and nothing written."""
+    """A file, a dir without a study, a damaged journal, a grid sweep's dir, a moved sqlite database,
+    a bad port, a port in use: one line each, exit status 2, and nothing written."""
     study_dir = tmp_path / "search"
     make_search(study_dir)
     (tmp_path / "empty").mkdir()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    journal = (study_dir / "study.journal").read_text().splitlines(keepends=True)
+    (damaged / "study.journal").write_text(journal[0] + "{cut off by a full dis\n" + "".join(journal[1:]))
     grid = tmp_path / "grid"
     from nanogpt.sweeps import launcher
 
@@ -183,6 +187,7 @@ def test_mistakes_are_one_line_each(tmp_path):
 
     dashboard_says(str(study_dir / "study.journal"), fragments=("is not a dir", "give a search's sweep dir"))
     dashboard_says(str(tmp_path / "empty"), fragments=("holds no study", "no study.journal", "search=NAME"))
+    dashboard_says(str(damaged), fragments=(f"{damaged / 'study.journal'} is not an Optuna journal", "restore it"))
     dashboard_says(str(grid), fragments=("is the dir of a grid sweep", f"nanogpt-report {grid}"))
     dashboard_says(str(moved), fragments=("search.storage=sqlite:///gone.db", "does not exist"))
     dashboard_says(str(study_dir), "--port", "70000", fragments=("--port 70000 is not a port",))

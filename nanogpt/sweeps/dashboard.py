@@ -108,6 +108,9 @@ def open_storage(where: str, is_url: bool) -> "BaseStorage":
     except ImportError as e:  # a database driver that is not installed (psycopg2, pymysql, ...)
         raise UserError(f"{shown(where, is_url)} needs the {e.name} package: pip install {e.name}") from None
     except Exception as e:  # Optuna's and SQLAlchemy's errors for a file or database it cannot read
+        if not is_url:
+            raise UserError(f"{where} is not an Optuna journal that can be read ({_first_line(e)}): restore it from "
+                            f"a copy") from None
         raise UserError(f"cannot read the study from {shown(where, is_url)}: {_first_line(e)}") from None
 
 
