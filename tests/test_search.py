@@ -294,6 +294,7 @@ def test_a_trial_whose_worker_died_is_failed_and_asked_again_by_config(tmp_path,
         "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "reask_lost": reask}))
     space = distributions(settings, compose("train", ["search=none"]), check=lambda config: None)
     study_ = engine.open_study(settings, space, tmp_path, create=True)
+    assert study_.metric_names == ["best_val_loss"]  # the objective's name, for the dashboard and plots
     dead, alive = study_.ask(space), study_.ask(space)
     lock = runlock.acquire(tmp_path / engine.trial_dir_name(alive.number))  # a live worker trains this one
 

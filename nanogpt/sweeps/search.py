@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -183,6 +184,9 @@ def open_study(search: SearchConfig, space: dict[str, "BaseDistribution"], sweep
     if before is None:
         study.set_user_attr(SPACE_ATTR, space_json)
         study.set_user_attr("objective", Objective(search.objective).value)
+        with warnings.catch_warnings():  # Optuna marks it experimental; the dashboard and plots show the name
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([Objective(search.objective).value])
         for params in search.enqueue:
             study.enqueue_trial(dict(params))
     elif before != space_json or study.user_attrs.get("objective") != Objective(search.objective).value:
