@@ -1,4 +1,5 @@
-"""The report's figures: what a sweep did (report.png), and its groups at equal cost (report_budgets.png).
+"""The report's figures: what a sweep did (report.png), its groups at equal cost (report_budgets.png),
+and a search's trials (report_history.png, report_params.png).
 
 Each group has one colour in every panel: its runs are thin lines or dots, its mean a thick line
 with the 95% interval over its runs as a band (none for a group of one run). matplotlib is loaded
@@ -7,10 +8,15 @@ only here, inside the functions, and draws to files only.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanogpt.sweeps.curves import AXIS_NAMES, RunCurve, comparable, final_spend, pareto_front, reached, value_at
 from nanogpt.sweeps.stats import summarise
+
+if TYPE_CHECKING:
+    from nanogpt.sweeps.trials import Search
 
 CURVE_AXES = ("train_seconds", "flops")  # val loss against these: the costs that differ between settings
 GRID = 50  # points of a group's mean curve
@@ -167,3 +173,101 @@ def _pareto(ax, finished: dict[str, list[RunCurve]], axis: str, colour: dict[str
 
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+# --- a search's trials (sweeps/trials.py): how the search went, and where its good values lie ---
+
+def search_history(search: "Search", path: Path) -> bool:
+    """The optimisation history: each complete trial's objective against its number, the best so
+    far as a line, the best trial starred; pruned and failed trials, which have no objective, as
+    marks along the bottom. False (and no file) when no trial has a finite objective yet."""
+    complete = sorted((t for t in search.trials if t.state == "complete" and math.isfinite(t.value)),
+                      key=lambda t: t.number)
+    if not complete:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot([t.number for t in complete], [t.value for t in complete], "o", color="C0", label="complete")
+    best, so_far = [], None
+    for t in complete:
+        if so_far is None or (t.value < so_far if search.direction == "minimize" else t.value > so_far):
+            so_far = t.value
+        best.append(so_far)
+    last = max(t.number for t in search.trials)
+    ax.plot([t.number for t in complete] + [last], best + best[-1:], color="C1", drawstyle="steps-post",
+            label="best so far")
+    top = _best_finite(search)
+    ax.plot(top.number, top.value, "*", color="C1", markersize=14, label=f"best: trial {top.number}")
+    values = [t.value for t in complete]
+    pad = 0.1 * (max(values) - min(values) or abs(values[0]) or 1.0)
+    ax.set_ylim(min(values) - 2.5 * pad, max(values) + pad)  # a strip below the objectives for the marks
+    bottom = ax.get_xaxis_transform()  # x in trial numbers, y in the axes' height
+    for state, marker, colour in (("pruned", "x", "C3"), ("failed", "X", "grey")):
+        numbers = [t.number for t in search.trials if t.state == state]
+        if numbers:
+            ax.plot(numbers, [0.05] * len(numbers), marker, color=colour, transform=bottom, clip_on=False,
+                    label=f"{state} ({len(numbers)}; no objective)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial", ylabel=search.objective,
+           title=f"optimisation history: {search.objective} ({search.direction})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def search_params(search: "Search", path: Path) -> bool:
+    """The objective of every complete trial against each searched key, one panel each, coloured by
+    trial number (later trials darker), the best starred: a log axis for a key searched on a log
+    scale, the choices as categories. False (and no file) when no trial has a finite objective yet."""
+    from optuna.distributions import CategoricalDistribution
+
+    complete = [t for t in search.trials if t.state == "complete" and math.isfinite(t.value)]
+    keys = [k for k in search.space if any(k in t.params for t in complete)]
+    if not keys:
+        return False
+    plt = _pyplot()
+    columns = min(len(keys), 3)
+    rows = (len(keys) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns + 1, 4 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    numbers = [t.number for t in search.trials]
+    norm = plt.Normalize(min(numbers), max(max(numbers), min(numbers) + 1))
+    for ax, key in zip(axes.flat, keys):
+        shown = [t for t in complete if key in t.params]
+        distribution = search.space[key]
+        if isinstance(distribution, CategoricalDistribution):
+            choices = list(distribution.choices)
+            x = [choices.index(t.params[key]) for t in shown]
+            ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        else:
+            x = [t.params[key] for t in shown]
+            if distribution.log:
+                ax.set_xscale("log")
+        points = ax.scatter(x, [t.value for t in shown], c=[t.number for t in shown], cmap="viridis_r", norm=norm,
+                            edgecolors="black", linewidths=0.3)
+        best = _best_finite(search)
+        if key in best.params:
+            at = best.params[key]
+            ax.plot(choices.index(at) if isinstance(distribution, CategoricalDistribution) else at, best.value, "*",
+                    color="C1", markersize=14, markeredgecolor="black", markeredgewidth=0.5,
+                    label=f"best: trial {best.number}")
+            ax.legend(fontsize="small")
+        ax.set(xlabel=key, ylabel=search.objective, title=f"{search.objective} vs {key}")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.colorbar(points, ax=axes.ravel().tolist(), label="trial")
+    fig.suptitle(f"complete trials ({len(complete)} of {len(search.trials)}): {search.objective} against each "
+                 f"searched key")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _best_finite(search: "Search"):
+    """The best complete trial with a finite objective (an infinite one: a target never reached)."""
+    return next(t for t in search.trials if t.state == "complete" and math.isfinite(t.value))

@@ -20,6 +20,13 @@ val loss, and the Pareto front of final val loss against cost (sweeps/curves.py)
 (sweeps/plots.py): val loss against step for every run and, for a sweep over one parameter, the
 final val loss against it (mean and interval over seeds); val loss against training time and
 FLOPs (mean and interval per group) and the Pareto front.
+
+A search's sweep dir (nanogpt-train --multirun search=NAME: its study.journal, or the database in
+search.storage) gets its trials first (sweeps/trials.py): read from the study (state, params,
+objective) with each trial's run dir (steps, wall time, tokens), best first, as report_trials.csv
+too; the best trial and the command that trains it again; what pruning saved; and the plots of
+the optimisation history (report_history.png) and of the objective against each searched key
+(report_params.png). Without Optuna installed, one line says so and the run-dir tables still print.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 
 from nanogpt.errors import UserError
 from nanogpt.runs.runfiles import RunFileError, read_json, read_jsonl, read_yaml
-from nanogpt.sweeps import plots
+from nanogpt.sweeps import plots, trials
 from nanogpt.sweeps.curves import AXES, AXIS_NAMES, RunCurve, equal_budgets, final_spend, pareto_front, \
     points_from, time_to_target, tokens_per_step
 from nanogpt.sweeps.stats import SIGNIFICANCE, Summary, significant, summarise, welch_p
@@ -418,6 +425,15 @@ def main(argv: list[str] | None = None) -> None:
         if not runs:
             raise UserError(f"{args.sweep_dir} holds no run dirs (none has a provenance.json or .hydra/): is it a sweep dir?")
         rows = [read_run(run, args.sweep_dir) for run in runs]
+        is_search = trials.holds_study(args.sweep_dir)
+        search, search_note = None, None
+        if is_search:  # the trials from the study (Optuna's word on states and objectives) with their run dirs
+            try:
+                search = trials.read(args.sweep_dir)
+            except trials.OptunaMissing as e:  # the run-dir tables need no Optuna: they still print
+                search_note = str(e)
+            if search is None and search_note is None:
+                search_note = "the search's study holds no trials yet"
         groups = group_runs(rows)  # in the sweep's order, as its jobs were numbered
         rows = sort_rows(rows, args.sort)
         baseline = find_baseline(groups, args.baseline) if args.baseline is not None else None  # before any file is written
@@ -428,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         curves = {label: [r["run_curve"] for r in runs] for label, runs in groups.items()}
         finished = {label: [r["run_curve"] for r in runs if r["status"] == "done"] for label, runs in groups.items()}
         budgets, budget_rows = budget_section(curves, finished, args.target)
-        sections = [table]
+        sections = [table] if search is None else [trials.section(search), "Their run dirs:\n\n" + table]
         if seeded:
             sections.append(f"Runs that differ only by {SEED}, per setting ({group_note(baseline)}):\n\n"
                             + groups_markdown(stats, baseline is not None))
@@ -448,7 +464,18 @@ def main(argv: list[str] | None = None) -> None:
                     args.sweep_dir / "report.png", "final_val_loss")
         if plots.budgets(curves, finished, args.sweep_dir / "report_budgets.png"):
             written.append("report_budgets.png")
-        unfinished = [row["job"] for row in rows if row["status"] != "done"]
+        if search is not None:
+            trial_rows, trial_columns = trials.csv_rows(search)
+            write_csv(trial_rows, args.sweep_dir / "report_trials.csv", trial_columns)
+            written.append("report_trials.csv")
+            written += [name for name, plot in (("report_history.png", plots.search_history),
+                                                ("report_params.png", plots.search_params))
+                        if plot(search, args.sweep_dir / name)]
+        if is_search:  # pruned and failed trials are ended, not unfinished: the study says whether more are due
+            unfinished = [] if search is None or search.n_trials is None or search.finished >= search.n_trials else \
+                [f"{search.finished} of {search.n_trials} trials finished"]
+        else:
+            unfinished = [row["job"] for row in rows if row["status"] != "done"]
         command = resume_command(args.sweep_dir) if unfinished else None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -456,11 +483,14 @@ def main(argv: list[str] | None = None) -> None:
     print(text, end="")
     if common:
         print(f"\nevery run: {' '.join(common)}")
-    if not seeded:
+    if search_note:
+        print(f"\n{search_note}")
+    if not seeded and not is_search:  # a search's trials each try other values: seeds are another question
         print(f"\neach setting ran once: add {SEED}=1,2,3 to the sweep for means, intervals and p-values over seeds")
     print(f"\n{len(rows)} runs in {len(groups)} groups; written: {args.sweep_dir / written[0]}, {', '.join(written[1:])}")
     if command:
-        print(f"not done: {', '.join(unfinished)}; to finish the sweep: {command}")
+        what = "to continue the search" if is_search else "to finish the sweep"
+        print(f"not done: {', '.join(unfinished)}; {what}: {command}")
 
 
 def group_note(baseline: str | None) -> str:
