@@ -1,7 +1,8 @@
 """Hyperparameter search (nanogpt-train --multirun search=NAME, docs/search.md): real Optuna studies
 in a journal file, real worker processes training tiny runs, read back from the study and the run
-dirs. Must-show 1 (TPE, 12 trials, 2 workers), 3 (asynchrony), 4 (pruning), 5 in part (resume
-marks a dead worker's trial failed and asks its params again) and 7 (bad input)."""
+dirs. Must-show 1 (TPE, 12 trials, 2 workers, and the report's table of them), 3 (asynchrony), 4
+(pruning, and the report's steps saved), 5 in part (resume marks a dead worker's trial failed and
+asks its params again) and 7 (bad input). The rest of a search's report: tests/test_report_search.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHAKESPEARE, TINY, assert_one_line_error, compose, require_shakespeare, run_cli
+from conftest import REPO, SHAKESPEARE, TINY, assert_one_line_error, compose, report_rows, require_shakespeare, run_cli
 
 optuna = pytest.importorskip("optuna", reason="the search extra: pip install -e '.[search]'")
 
@@ -66,6 +67,18 @@ def eval_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records if r.get("kind") == "eval"]
 
 
+def trial_rows(stdout: str) -> list[list[str]]:
+    """The rows of the trials table nanogpt-report prints for a search (trial, state, objective,
+    each searched key, steps, saved steps, wall s, tokens), each as its cells."""
+    return report_rows(stdout.replace("| trial | state ", "| job | state "))
+
+
+def steps_saved(stdout: str) -> int:
+    """N of the report's line `pruning saved N steps (...)`."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith("pruning saved ")]
+    return int(line.split()[2].replace(",", ""))
+
+
 LR_AND_DROPOUT = space(optim__lr="{low: 1.0e-4, high: 3.0e-2, log: true}", model__dropout="{low: 0.0, high: 0.3}")
 
 
@@ -96,6 +109,17 @@ def test_tpe_search_of_12_trials_on_2_workers(tmp_path, data_dir):
     assert by_worker == {0, 1}, "both workers trained trials"
     best = min(trials, key=lambda t: t.value)
     assert f"best: trial {best.number} " in result.stderr + result.stdout
+    # the report lists the 12 trials from the study, best first, with their params and states
+    report = run_cli("nanogpt.sweeps.report", str(sweep_dir), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = trial_rows(report.stdout)
+    by_value = sorted(trials, key=lambda t: (t.value, t.number))
+    assert [int(r[0]) for r in rows] == [t.number for t in by_value]
+    for row, t in zip(rows, by_value):
+        assert row[1:5] == ["complete", f"{t.value:.4f}", f"{t.params['optim.lr']:.4g}",
+                            f"{t.params['model.dropout']:.4g}"]
+    assert f"best: trial {best.number}, best_val_loss {best.value:.4f}: optim.lr={best.params['optim.lr']!r} " \
+        f"model.dropout={best.params['model.dropout']!r}" in report.stdout
 
 
 @pytest.mark.slow
@@ -120,7 +144,7 @@ def test_workers_do_not_wait_for_a_slow_trial(tmp_path, data_dir):
 def test_diverging_learning_rates_are_pruned_before_their_last_step(tmp_path, data_dir):
     """Must-show 4: half the learning rates diverge; the median pruner stops them at their first
     evaluation after the good ones ran, with a checkpoint there, marked pruned in provenance.json
-    and in the study."""
+    and in the study; nanogpt-report says how many steps that saved."""
     result = search(tmp_path, data_dir, "search=none", "max_iters=30",
                     space(optim__lr="{choices: [1.0e-3, 3.0e-3, 3.0, 10.0]}"), "search.n_trials=6",
                     "search.n_workers=1", "search.sampler.name=random", "search.sampler.seed=1",
@@ -144,6 +168,11 @@ def test_diverging_learning_rates_are_pruned_before_their_last_step(tmp_path, da
             assert t.state.name == "COMPLETE", states
             assert max(eval_steps(run_dir)) == 30
     assert any(t.state.name == "PRUNED" for t in trials), states
+    # the report says how many steps pruning saved: each pruned trial's max_iters minus the step it stopped at
+    report = run_cli("nanogpt.sweeps.report", str(sweep_dir), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    saved = sum(30 - max(eval_steps(sweep_dir / f"trial-{t.number:04d}")) for t in trials if t.state.name == "PRUNED")
+    assert steps_saved(report.stdout) == saved > 0
 
 
 @pytest.mark.slow
