@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHAKESPEARE, report_rows, run_cli
+from conftest import REPO, SHAKESPEARE, assert_one_line_error, report_rows, run_cli
 from test_search import RUN, data_dir, search, space, steps_saved, study, trial_rows  # noqa: F401 (data_dir: a fixture)
 
 optuna = pytest.importorskip("optuna", reason="the search extra: pip install -e '.[search]'")
@@ -149,6 +149,21 @@ def test_without_optuna_the_run_dirs_are_still_reported(mixed, tmp_path):
     assert "| trial | state " not in result.stdout and not (copy / "report_trials.csv").exists()
 
 
+def test_a_damaged_journal_is_one_line_naming_it(mixed, tmp_path):
+    import shutil
+
+    sweep_dir, _ = mixed
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("report*"))
+    lines = (copy / "study.journal").read_text().splitlines(keepends=True)
+    lines[4] = '{"op_code": 5, "cut\n'  # a line in the middle: not a write that a kill cut short
+    (copy / "study.journal").write_text("".join(lines))
+    result = run_cli("nanogpt.sweeps.report", str(copy), cwd=tmp_path)
+    assert_one_line_error(result, f"{copy / 'study.journal'} cannot be read as the search's study",
+                          "restore it from a copy")
+    assert not list(copy.glob("report*"))  # nothing written
+
+
 def test_a_running_search_lists_its_running_trial(tmp_path, data_dir):  # noqa: F811
     """Reported while a trial trains: the trial is listed as running, with the steps it has logged
     so far of its planned ones, and the report says how to continue the search."""
@@ -189,7 +204,7 @@ def test_a_study_in_a_sqlite_database_is_read_from_the_url_multirun_yaml_records
     started = time.monotonic()
     cwd = tmp_path / "here"
     cwd.mkdir()
-    result = search(cwd, data_dir, "search=none", "max_iters=10", space(optim__lr="{choices: [1.0e-3, 3.0e-3]}"),
+    result = search(cwd, data_dir, "search=none", "max_iters=5", space(optim__lr="{choices: [1.0e-3, 3.0e-3]}"),
                     "search.n_trials=2", "search.n_workers=1", "search.pruner.name=none", "search.sampler.name=grid",
                     "search.storage=sqlite:///search.db")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -222,6 +222,7 @@ def search_params(search: "Search", path: Path) -> bool:
     """The objective of every complete trial against each searched key, one panel each, coloured by
     trial number (later trials darker), the best starred: a log axis for a key searched on a log
     scale, the choices as categories. False (and no file) when no trial has a finite objective yet."""
+    from matplotlib.ticker import MaxNLocator, NullFormatter
     from optuna.distributions import CategoricalDistribution
 
     complete = [t for t in search.trials if t.state == "complete" and math.isfinite(t.value)]
@@ -243,10 +244,15 @@ def search_params(search: "Search", path: Path) -> bool:
             x = [choices.index(t.params[key]) for t in shown]
             ax.set_xticks(range(len(choices)), [str(c) for c in choices])
             ax.set_xlim(-0.5, len(choices) - 0.5)
-        else:
+        else:  # the whole searched range, so that one sees where in it the trials fell
             x = [t.params[key] for t in shown]
             if distribution.log:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # under a decade, matplotlib labels every minor tick
+                ax.set_xlim(distribution.low / 1.2, distribution.high * 1.2)
+            else:
+                pad = 0.05 * (distribution.high - distribution.low)
+                ax.set_xlim(distribution.low - pad, distribution.high + pad)
         points = ax.scatter(x, [t.value for t in shown], c=[t.number for t in shown], cmap="viridis_r", norm=norm,
                             edgecolors="black", linewidths=0.3)
         best = _best_finite(search)
@@ -260,7 +266,7 @@ def search_params(search: "Search", path: Path) -> bool:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    fig.colorbar(points, ax=axes.ravel().tolist(), label="trial")
+    fig.colorbar(points, ax=axes.ravel().tolist(), label="trial").locator = MaxNLocator(integer=True)
     fig.suptitle(f"complete trials ({len(complete)} of {len(search.trials)}): {search.objective} against each "
                  f"searched key")
     fig.savefig(path, dpi=120)

@@ -118,9 +118,10 @@ def read(sweep_dir: Path) -> Search | None:
         raise OptunaMissing(NO_OPTUNA) from None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage, where = _storage(sweep_dir)
-    try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=optuna.samplers.RandomSampler())
+    where = _where(sweep_dir)
+    try:  # a journal is read as its storage opens
+        study = optuna.load_study(study_name=STUDY_NAME, storage=_open(where),
+                                  sampler=optuna.samplers.RandomSampler())
     except KeyError:  # the journal exists, the study is not in it yet
         return None
     except Exception as e:  # a damaged journal, an unreachable database: named in one line
@@ -192,7 +193,9 @@ def _database(sweep_dir: Path) -> str | None:
     """search.storage of the command that made the sweep dir (multirun.yaml), a database URL; a
     relative SQLite path is the command's working dir's, as Optuna opened it there."""
     multirun = _multirun(sweep_dir)
-    url = OmegaConf.select(multirun, "search.storage") if multirun is not None else None
+    if multirun is None or not OmegaConf.select(multirun, "search.space"):  # a grid's sweep dir
+        return None
+    url = OmegaConf.select(multirun, "search.storage")
     if not url:
         return None
     prefix = "sqlite:///"
@@ -202,19 +205,27 @@ def _database(sweep_dir: Path) -> str | None:
     return url
 
 
-def _storage(sweep_dir: Path) -> tuple[Any, str]:
-    """The study's storage, and where it is in words: the journal in the sweep dir, else the database."""
-    journal = sweep_dir / JOURNAL
-    if journal.is_file():
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(str(journal))), str(journal)
+def _where(sweep_dir: Path) -> str:
+    """Where the study is: the database search.storage named, else the journal in the sweep dir
+    (as nanogpt/sweeps/search.py chose it). A SQLite file that is not there is named now: Optuna
+    would make an empty one."""
     url = _database(sweep_dir)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():  # Optuna would make an empty one
+    if url is None:
+        return str(sweep_dir / JOURNAL)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise RunFileError(f"{sweep_dir / 'multirun.yaml'} names the study's database {url}, which does not exist: "
                            f"{STUDY_FIX}")
-    return url, url
+    return url
+
+
+def _open(where: str):
+    """Optuna's storage at `where`: a database URL as it is, a journal file through JournalStorage."""
+    if "://" in where:
+        return where
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(where))
 
 
 # --- what the report prints ---
