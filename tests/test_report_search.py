@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHAKESPEARE, assert_one_line_error, report_rows, run_cli
-from test_search import RUN, data_dir, search, space, steps_saved, study, trial_rows  # noqa: F401 (data_dir: a fixture)
+from test_search import RUN, data_dir, search, space, steps_saved, study, trial_rows  # noqa: F401 (a fixture)
 
 optuna = pytest.importorskip("optuna", reason="the search extra: pip install -e '.[search]'")
 
@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow  # each test reports a real search, made by its wo
 # (lr 3e-3 beats 1e-3), one pruned at its first evaluation by the median of those two (lr 1e-5
 # barely moves), one failed (lr 1e4 makes the loss NaN within 3 steps, and on_nonfinite=stop
 # fails the run), and a fifth to replace the failed one (failed trials do not count).
-MIXED = ["search=none", "max_iters=20", "optim.warmup_iters=0", "optim.min_lr=0",
+# Each trial ends at the step its token budget is spent: max_tokens=1280 is 20 steps of 4 x 16
+# tokens, the plan that the table's steps and pruning's saving count from (max_iters gives way).
+MIXED = ["search=none", "max_tokens=1280", "optim.warmup_iters=0", "optim.min_lr=0",
          space(optim__lr="{low: 1.0e-5, high: 1.0e+4, log: true}", model__dropout="{choices: [0.0, 0.1]}"),
          "search.n_trials=4", "search.n_workers=1", "search.sampler.name=random", "search.pruner.name=median",
          "search.pruner.n_startup_trials=2",
@@ -45,7 +47,9 @@ def mixed(tmp_path_factory, data_dir):  # noqa: F811
     """A real search whose trials end complete, pruned and failed; its report."""
     cwd = tmp_path_factory.mktemp("mixed")
     started = time.monotonic()
-    result = search(cwd, data_dir, *MIXED)
+    run = [a for a in RUN if not a.startswith("max_iters=")]  # a budget and max_iters on one command: refused
+    result = run_cli("nanogpt.train", "--multirun", *run, f"data.source={SHAKESPEARE}", f"data.dir={data_dir}",
+                     f"hydra.sweep.dir={cwd / 'sweep'}", *MIXED, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = run_cli("nanogpt.sweeps.report", str(cwd / "sweep"), cwd=cwd)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -71,7 +75,7 @@ def test_the_trials_table_is_the_study_best_first_then_the_others_by_number(mixe
         assert state == words[t.state.name]
         assert value == (f"{t.value:.4f}" if t.state.name == "COMPLETE" else "-")
         assert (lr, dropout) == (f"{t.params['optim.lr']:.4g}", f"{t.params['model.dropout']:.4g}")
-        assert steps == f"{last_step} of 20"  # what the run dir logged, of max_iters
+        assert steps == f"{last_step} of 20"  # what the run dir logged, of the step max_tokens ends at
         assert saved == (str(20 - last_step) if t.state.name == "PRUNED" else "-")
     # the CSV: the same trials in the same order, at full precision
     with open(sweep_dir / "report_trials.csv") as f:
@@ -87,7 +91,7 @@ def test_the_trials_table_is_the_study_best_first_then_the_others_by_number(mixe
 
 
 def test_pruning_saved_counts_the_pruned_trials_only(mixed):
-    """The line's steps are the pruned trials' planned ends (max_iters) minus where they stopped;
+    """The line's steps are the pruned trials' planned ends (max_tokens' step) minus where they stopped;
     its share is of what all five trials would have run without pruning."""
     sweep_dir, stdout = mixed
     trials = study(sweep_dir).get_trials()
