@@ -163,7 +163,7 @@ def test_a_damaged_journal_is_one_line_naming_it(mixed, tmp_path):
     lines[4] = '{"op_code": 5, "cut\n'  # a line in the middle: not a write that a kill cut short
     (copy / "study.journal").write_text("".join(lines))
     result = run_cli("nanogpt.sweeps.report", str(copy), cwd=tmp_path)
-    assert_one_line_error(result, f"{copy / 'study.journal'} cannot be read as the search's study",
+    assert_one_line_error(result, f"{copy / 'study.journal'} is not an Optuna journal that can be read",
                           "restore it from a copy")
     assert not list(copy.glob("report*"))  # nothing written
 

@@ -7,8 +7,9 @@ would have ended had the pruner let it (max_iters, or the step its budget ends a
 runs/budgets.py resolves it from config.resolved.yaml). From these follow the table, the best
 trial and the command that trains it again, and the compute that pruning saved.
 
-Optuna is imported inside the functions that read the study: a grid's report needs none, and a
-sweep dir with a study on a machine without Optuna still gets its run-dir tables (`OptunaMissing`).
+The study is found and opened as nanogpt-dashboard finds it (sweeps/dashboard.py). Optuna is
+imported inside the functions that read it: a grid's report needs none, and a sweep dir with a
+study on a machine without Optuna still gets its run-dir tables (`OptunaMissing`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from nanogpt.runs import budgets
-from nanogpt.runs.runfiles import RunFileError, read_json, read_jsonl, read_yaml
+from nanogpt.runs.runfiles import read_json, read_jsonl, read_yaml
+from nanogpt.sweeps import dashboard
 from nanogpt.sweeps.curves import tokens_per_step
 from nanogpt.sweeps.search import JOURNAL, STUDY_NAME, trial_dir_name
 from nanogpt.sweeps.space import override
@@ -31,8 +33,8 @@ from nanogpt.sweeps.space import override
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
-# a study or run file that cannot be read: what to do about it
-STUDY_FIX = "restore it from a copy of the sweep dir, or move it aside (the report then lists the run dirs only)"
+# a trial's run file that cannot be read: what to do about it
+RUN_FIX = "restore it from a copy of the sweep dir, or move it aside (the report then goes without it)"
 NO_OPTUNA = ("this sweep dir holds an Optuna search, and Optuna is not installed here: pip install 'nanogpt[search]' "
              "for its trials, best trial and pruning (the tables above are its trials' run dirs)")
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
@@ -104,13 +106,17 @@ class Search:
 
 def holds_study(sweep_dir: Path) -> bool:
     """Whether sweep_dir is a search's: its study.journal, or a database named in multirun.yaml."""
-    return (sweep_dir / JOURNAL).is_file() or _database(sweep_dir) is not None
+    if (sweep_dir / JOURNAL).is_file():
+        return True
+    multirun = _multirun(sweep_dir)
+    return multirun is not None and bool(OmegaConf.select(multirun, "search.space")) \
+        and OmegaConf.select(multirun, "search.storage") is not None
 
 
 def read(sweep_dir: Path) -> Search | None:
     """The sweep dir's search, its trials joined with their run dirs; None when the study holds
-    nothing yet (a search that is starting). Raises OptunaMissing, or a RunFileError when the
-    study cannot be read."""
+    nothing yet (a search that is starting). Raises OptunaMissing, or a UserError when the study
+    or a trial's run files cannot be read."""
     try:
         import optuna
         from optuna.distributions import json_to_distribution
@@ -118,15 +124,13 @@ def read(sweep_dir: Path) -> Search | None:
         raise OptunaMissing(NO_OPTUNA) from None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    where = _where(sweep_dir)
-    try:  # a journal is read as its storage opens
-        study = optuna.load_study(study_name=STUDY_NAME, storage=_open(where),
-                                  sampler=optuna.samplers.RandomSampler())
+    # found and opened as nanogpt-dashboard does: a damaged journal or a moved database is one line
+    storage = dashboard.open_storage(*dashboard.find_storage(sweep_dir))
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage,
+                                  sampler=optuna.samplers.RandomSampler())  # the report asks for no trial
     except KeyError:  # the journal exists, the study is not in it yet
         return None
-    except Exception as e:  # a damaged journal, an unreachable database: named in one line
-        raise RunFileError(f"{where} cannot be read as the search's study ({str(e).strip() or type(e).__name__}): "
-                           f"{STUDY_FIX}") from e
     frozen = study.get_trials(deepcopy=False)
     space = {key: json_to_distribution(d) for key, d in study.user_attrs.get("space", {}).items()}
     for t in frozen:  # a study made before the space was recorded: the trials' own distributions
@@ -165,8 +169,8 @@ def _trial(frozen, sweep_dir: Path) -> Trial:
 def _add_run(trial: Trial) -> None:
     """What the trial's run dir says it ran, and where it would have ended unpruned (its budget)."""
     run_dir = trial.run_dir
-    record = read_json(run_dir / "provenance.json", STUDY_FIX, missing_ok=True) or {}
-    logged = [r for r in read_jsonl(run_dir / "metrics.jsonl", STUDY_FIX) if isinstance(r.get("step"), int)]
+    record = read_json(run_dir / "provenance.json", RUN_FIX, missing_ok=True) or {}
+    logged = [r for r in read_jsonl(run_dir / "metrics.jsonl", RUN_FIX) if isinstance(r.get("step"), int)]
     last = max(logged, key=lambda r: r["step"], default=None)
     if last is not None:
         trial.steps, trial.tokens, trial.flops = last["step"], last.get("tokens"), last.get("flops")
@@ -178,7 +182,7 @@ def _add_run(trial: Trial) -> None:
     config_file = run_dir / "config.resolved.yaml"
     if not config_file.is_file():
         return
-    config = read_yaml(config_file, STUDY_FIX)
+    config = read_yaml(config_file, RUN_FIX)
     trial.tokens_per_step = tokens_per_step(config, record)
     if trial.tokens_per_step and (config.get("max_flops") is None or trial.flops_per_token is not None):
         trial.planned_steps = budgets.resolve(config, trial.tokens_per_step, trial.flops_per_token or 0.0).max_steps
@@ -186,46 +190,7 @@ def _add_run(trial: Trial) -> None:
 
 def _multirun(sweep_dir: Path):
     path = sweep_dir / "multirun.yaml"
-    return read_yaml(path, STUDY_FIX) if path.is_file() else None
-
-
-def _database(sweep_dir: Path) -> str | None:
-    """search.storage of the command that made the sweep dir (multirun.yaml), a database URL; a
-    relative SQLite path is the command's working dir's, as Optuna opened it there."""
-    multirun = _multirun(sweep_dir)
-    if multirun is None or not OmegaConf.select(multirun, "search.space"):  # a grid's sweep dir
-        return None
-    url = OmegaConf.select(multirun, "search.storage")
-    if not url:
-        return None
-    prefix = "sqlite:///"
-    cwd = OmegaConf.select(multirun, "hydra.runtime.cwd")
-    if url.startswith(prefix) and not Path(url[len(prefix):]).is_absolute() and cwd:
-        url = prefix + str(Path(cwd) / url[len(prefix):])
-    return url
-
-
-def _where(sweep_dir: Path) -> str:
-    """Where the study is: the database search.storage named, else the journal in the sweep dir
-    (as nanogpt/sweeps/search.py chose it). A SQLite file that is not there is named now: Optuna
-    would make an empty one."""
-    url = _database(sweep_dir)
-    if url is None:
-        return str(sweep_dir / JOURNAL)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise RunFileError(f"{sweep_dir / 'multirun.yaml'} names the study's database {url}, which does not exist: "
-                           f"{STUDY_FIX}")
-    return url
-
-
-def _open(where: str):
-    """Optuna's storage at `where`: a database URL as it is, a journal file through JournalStorage."""
-    if "://" in where:
-        return where
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(where))
+    return read_yaml(path, RUN_FIX) if path.is_file() else None
 
 
 # --- what the report prints ---
