@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import shlex
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
