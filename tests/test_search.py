@@ -347,3 +347,12 @@ def test_a_trial_whose_worker_died_is_failed_and_asked_again_by_config(tmp_path,
         assert retry.user_attrs["retry_of"] == dead.number
     else:
         assert waiting == []
+
+
+def test_the_study_is_named_in_the_log_without_a_password(tmp_path):
+    from nanogpt.config import SearchConfig
+    from nanogpt.sweeps.search import where
+
+    assert where(SearchConfig(), tmp_path) == str(tmp_path / "study.journal")
+    assert where(SearchConfig(storage="sqlite:///search.db"), tmp_path) == "sqlite:///search.db"
+    assert where(SearchConfig(storage="postgresql://bob:s3cr@t@db:5432/x"), tmp_path) == "postgresql://bob:***@db:5432/x"

@@ -130,7 +130,7 @@ def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_d
         log.info(f"the study already holds {search.finished(counts)} finished trials (search.n_trials="
                  f"{settings.n_trials}): nothing to run")
     else:
-        log.info(f"study: {sweep_dir / search.JOURNAL}; {search.finished(counts)} of {settings.n_trials} trials "
+        log.info(f"study: {search.where(settings, sweep_dir)}; {search.finished(counts)} of {settings.n_trials} trials "
                  f"finished; starting {settings.n_workers} worker{'s' * (settings.n_workers > 1)}")
         if workers == "local":
             _run_workers(config, overrides, sweep_dir, settings.n_workers)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,14 @@ def storage(search: SearchConfig, sweep_dir: Path):
     from optuna.storages.journal import JournalFileBackend
 
     return JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL)))
+
+
+def where(search: SearchConfig, sweep_dir: Path) -> str:
+    """Where the study lives, in words for a log: the journal's path, or search.storage's URL
+    with any password masked (the log and the terminal are no place for it)."""
+    if search.storage is None:
+        return str(sweep_dir / JOURNAL)
+    return re.sub(r"(://[^/:@]*):[^/]*@", r"\1:***@", search.storage)  # user:password@ -> user:***@
 
 
 def open_study(search: SearchConfig, space: dict[str, "BaseDistribution"], sweep_dir: Path, worker: int = 0,
