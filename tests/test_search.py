@@ -143,8 +143,8 @@ def test_workers_do_not_wait_for_a_slow_trial(tmp_path, data_dir):
 @pytest.mark.slow
 def test_diverging_learning_rates_are_pruned_before_their_last_step(tmp_path, data_dir):
     """Must-show 4: half the learning rates diverge; the median pruner stops them at their first
-    evaluation after the good ones ran, with a checkpoint there, marked pruned in provenance.json
-    and in the study; nanogpt-report says how many steps that saved."""
+    evaluation after the good ones ran, with a checkpoint there, marked pruned in its run dir, its
+    provenance.json and the study; nanogpt-report says how many steps that saved."""
     result = search(tmp_path, data_dir, "search=none", "max_iters=30",
                     space(optim__lr="{choices: [1.0e-3, 3.0e-3, 3.0, 10.0]}"), "search.n_trials=6",
                     "search.n_workers=1", "search.sampler.name=random", "search.sampler.seed=1",
@@ -160,6 +160,7 @@ def test_diverging_learning_rates_are_pruned_before_their_last_step(tmp_path, da
         if t.params["optim.lr"] >= 3.0:  # diverges
             assert t.state.name == "PRUNED", states
             assert provenance(run_dir)["status"] == "pruned" and not (run_dir / "DONE").exists()
+            assert (run_dir / "PRUNED").is_file()  # marked in its run dir too
             assert max(eval_steps(run_dir)) < 30
             stop = max(eval_steps(run_dir))
             assert (run_dir / "checkpoints" / f"step-{stop:08d}.pt").is_file()  # saved where it stopped
