@@ -67,11 +67,6 @@ class NonFinite(str, Enum):
     skip = "skip"  # skip the step (as fp16's grad scaler does on overflow) and count it
 
 
-class LoggerName(str, Enum):
-    none = "none"
-    wandb = "wandb"
-
-
 @dataclass
 class ModelConfig:
     n_layer: int = 12
@@ -150,12 +145,25 @@ class HardwareConfig:
 
 @dataclass
 class LoggerConfig:
-    name: LoggerName = LoggerName.none
-    project: str = "nanogpt"
-    entity: Optional[str] = None
+    """Where metrics go besides metrics.jsonl (nanogpt/runs/loggers.py). Each tracker is a switch,
+    so that group options merge: logger=[wandb,tensorboard] turns both on (docs/logging.md)."""
+
+    wandb: bool = False  # Weights & Biases
+    tensorboard: bool = False  # TensorBoard event files in <run dir>/tensorboard/
+    mlflow: bool = False  # MLflow: a run in the store at tracking_uri
+    project: str = "nanogpt"  # wandb's project, MLflow's experiment
     run_name: Optional[str] = None  # None: the run dir's name
-    mode: Optional[str] = None  # online | offline | disabled; None: wandb's own setting (WANDB_MODE)
-    tags: List[str] = field(default_factory=list)
+    tags: List[str] = field(default_factory=list)  # wandb's tags; MLflow tags (set to "true")
+    entity: Optional[str] = None  # wandb team or user; None: your default
+    mode: Optional[str] = None  # wandb: online | offline | disabled; None: wandb's own setting (WANDB_MODE)
+    # MLflow: a server (http://host:5000) or a store URI (sqlite:///abs/path.db); None: $MLFLOW_TRACKING_URI,
+    # else a SQLite store in the run dir (<run dir>/mlflow.db). Credentials never go here: MLFLOW_TRACKING_USERNAME
+    # and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment
+    tracking_uri: Optional[str] = None
+
+    def enabled(self) -> list[str]:
+        """The trackers switched on, by name."""
+        return [name for name in ("wandb", "tensorboard", "mlflow") if getattr(self, name)]
 
 
 class Objective(str, Enum):

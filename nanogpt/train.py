@@ -285,6 +285,7 @@ class Progress:
     decay_iters: int | None = None  # the schedule's horizon that a token or FLOP budget set at the run's start
     decay_seconds: float | None = None  # the max_time that the schedule's decay followed from the run's start
     target: dict | None = None  # where val loss first reached target_val_loss: step, tokens, flops, train_seconds
+    mlflow_run_id: str | None = None  # the MLflow run it logs to (runs/loggers.py), as wandb_run_id
 
 
 # what a checkpoint keeps of a budget's progress (a checkpoint from before budgets has none: the defaults)
@@ -316,6 +317,7 @@ def checkpoint_payload(t: Training, progress: Progress, model_state: dict, optim
             "batch_size": batch_size,  # the micro-batch, which batch_size=auto chose: a continued run keeps it
             "skipped_steps": progress.skipped_steps,
             "wandb_run_id": progress.wandb_run_id,
+            "mlflow_run_id": progress.mlflow_run_id,
             **{key: getattr(progress, key) for key in BUDGET_PROGRESS},
         },
     }
@@ -347,7 +349,8 @@ def restore(t: Training, payload: dict, data_meta: dict, train_batches, global_b
     t.scaler.load_state_dict(payload["scaler"])
     train_batches.load_state_dict(state["data"])  # the generator it shares with evaluation, too
     progress = Progress(payload["step"], payload["best_val_loss"], state["skipped_steps"], state["wandb_run_id"],
-                        state["evaluated"], **{key: state[key] for key in BUDGET_PROGRESS if key in state})
+                        state["evaluated"], **{key: state[key] for key in BUDGET_PROGRESS if key in state},
+                        mlflow_run_id=state.get("mlflow_run_id"))  # checkpoints from before MLflow lack it
     rng_states = state["rng"]
     if len(rng_states) != t.env.world_size:
         # one process on a CPU draws its dropout masks from the batches' stream, several do not (build_training)
@@ -495,8 +498,9 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
 
     if env.is_main:
         metrics = Metrics(run_dir, config.logger, resolved_config,
-                          resumed_at=start_step if resume_from is not None else None, wandb_run_id=progress.wandb_run_id)
-        progress.wandb_run_id = metrics.wandb_run_id
+                          resumed_at=start_step if resume_from is not None else None, wandb_run_id=progress.wandb_run_id,
+                          mlflow_run_id=progress.mlflow_run_id)
+        progress.wandb_run_id, progress.mlflow_run_id = metrics.wandb_run_id, metrics.mlflow_run_id
     else:
         metrics = NoMetrics()
     batch = train_batches.next_batch()
@@ -623,8 +627,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                     f"iter {progress.step}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
                     f"{tokens_per_step / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%{' (capped)' if mfu_capped else ''}"
                 )
-    finally:
-        metrics.close()
+    finally:  # the trackers mark their run as it ended (sys.exc_info: the exception on its way out, if any)
+        metrics.close("failed" if sys.exc_info()[0] is not None else "stopped" if stopped_by is not None else "finished")
 
     result = {"step": progress.step, "stopped_by": stopped_by, "startup_seconds": clock.seconds(),
               "batch_size": config.batch_size, "grad_accum": accum, "train_seconds": round(progress.train_seconds, 3),

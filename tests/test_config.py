@@ -26,7 +26,7 @@ def test_groups_and_experiments_exist():
     assert OPTIONS["model"] == ["cpu_char", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl", "shakespeare_char"]
     assert OPTIONS["data"] == ["openwebtext", "shakespeare", "shakespeare_char", "text"]
     assert set(OPTIONS["hardware"]) == {"auto", "cpu", "gpu", "mps", "ddp", "fsdp", "multinode"}
-    assert set(OPTIONS["logger"]) == {"none", "wandb"}
+    assert set(OPTIONS["logger"]) == {"none", "wandb", "tensorboard", "mlflow"}
     assert set(EXPERIMENTS) >= {
         "shakespeare_char", "shakespeare_char_cpu", "gpt2_124m", "finetune_shakespeare",
         "eval_gpt2", "eval_gpt2_medium", "eval_gpt2_large", "eval_gpt2_xl",

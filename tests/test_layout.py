@@ -36,7 +36,7 @@ MAY_IMPORT = {
 }
 ENTRYPOINTS = ("train", "sample", "bench", "prepare")  # Hydra's: they answer --cfg job and --help
 PLAIN_ENTRYPOINTS = ("gpu_check", "sweeps.dashboard")  # argparse's: they answer --help
-HEAVY = ("torch", "numpy", "tiktoken", "wandb", "submitit", "matplotlib", "datasets", "optuna")
+HEAVY = ("torch", "numpy", "tiktoken", "wandb", "submitit", "matplotlib", "datasets", "optuna", "mlflow", "tensorboard")
 
 
 def modules(root: Path) -> dict[str, Path]:

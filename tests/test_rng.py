@@ -76,12 +76,12 @@ def test_the_peak_flops_probe_draws_from_no_stream_of_training(dtype):
 
 
 def test_wandb_draws_from_no_stream_of_training(tmp_path):
-    from nanogpt.config import LoggerConfig, LoggerName
+    from nanogpt.config import LoggerConfig
     from nanogpt.runs.metrics import Metrics
 
     torch.manual_seed(3)
     before = streams()
-    metrics = Metrics(tmp_path, LoggerConfig(name=LoggerName.wandb, mode="offline"), {"seed": 3})
+    metrics = Metrics(tmp_path, LoggerConfig(wandb=True, mode="offline"), {"seed": 3})
     metrics.log(1, "train", loss=1.0)
     metrics.close()
     assert streams() == before

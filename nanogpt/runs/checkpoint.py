@@ -10,7 +10,7 @@ loads with `weights_only=True`:
     data_meta       the dataset's meta.json (the tokenizer travels with the weights)
     config          the run's resolved config, as JSON text
     resume          what an exact resume needs besides: RNG states, the batch drawn for the next
-                    step, skipped steps, the wandb run id (see nanogpt/train.py)
+                    step, skipped steps, the wandb and MLflow run ids (see nanogpt/train.py)
 
 A run's `checkpoints/` dir holds `last.pt` (the newest), `best.pt` (lowest val loss) and the last
 K `step-NNNNNNNN.pt`. They are names of files written once: each save writes one new file and

@@ -219,7 +219,7 @@ def run_config(path: Path, composed):
         for override in override_for(row, value).split():
             name, _, text = override.partition("=")
             values[name] = value if "{v}" in row.ours else yaml.safe_load(text)
-    values["logger.name"] = "wandb" if theirs.get("wandb_log") else "none"
+    values["logger.wandb"] = bool(theirs.get("wandb_log"))  # the command's other trackers stay on
     if theirs.get("gradient_accumulation_steps", 1) > 1:
         values["global_batch_size"] = theirs["batch_size"] * theirs["gradient_accumulation_steps"]
     device = re.sub(r":\d+$", "", str(theirs.get("device", "cpu")))

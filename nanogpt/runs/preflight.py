@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from nanogpt.config import AUTO, BUDGETS, TrainConfig, check_train_config, check_world_size, site_dirs, to_object
 from nanogpt.errors import ConfigError, UserError, user_errors
 from nanogpt.parallel.distributed import detect, planned_world_size, shared_store
+from nanogpt.runs import loggers
 from nanogpt.runs.resume import plan_run, replace_task_config
 from nanogpt.runs.startup import clock
 
@@ -290,6 +291,7 @@ class Preflight(Callback):
                 else:
                     plan_run(config)
             train_config = to_train_config(config)
+            loggers.check(train_config.logger)  # first of the checks: it needs no torch
             check_world_size(train_config, planned_world_size(train_config.hardware))
             check_init_from(train_config)
             check_hardware(train_config)
@@ -312,6 +314,7 @@ class Preflight(Callback):
             refuse_max_iters_beside_a_budget(config)
             check_site(config)
             train_config = to_train_config(config)
+            loggers.check(train_config.logger)  # once for the sweep, not in each of its jobs first
             if detect().is_distributed:
                 raise ConfigError(
                     "a sweep (--multirun) cannot run inside torchrun or srun: launch the sweep once, and give each "
