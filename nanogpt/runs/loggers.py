@@ -216,12 +216,25 @@ class MLflow:
     name = "mlflow"
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict, run_id: str | None):
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.logged: dict[str, int] = {}  # metric -> the last step the MLflow run holds (a resumed run's)
+        try:
+            self.run_id = self._start(run_dir, cfg, config_dict, run_id)
+        except Exception as e:  # e.g. a deleted experiment of that name, a tag MLflow does not take
+            raise UserError(f"mlflow could not start a run in {redact(self.uri)} "
+                            f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from e
+        self.pending: list = []
+        self.last_flush = time.monotonic()
+        self.warned = False
+        log.info(f"mlflow: run {self.run_id} in {redact(self.uri)}")
+
+    def _start(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict, run_id: str | None) -> str:
+        """The MLflow run's id: run_id's run continued, or a new one, with the config as params."""
+        from mlflow.entities import Param
+
         run = self._existing_run(run_id)
         if run is None:
             run = self.client.create_run(self._experiment_id(cfg, run_dir), run_name=cfg.run_name or Path(run_dir).name,
@@ -231,15 +244,11 @@ class MLflow:
             self.client.update_run(run.info.run_id, status="RUNNING")
             for key in run.data.metrics:
                 self.logged[key] = max(m.step for m in self.client.get_metric_history(run.info.run_id, key))
-        self.run_id = run.info.run_id
         # params are immutable in MLflow: a resume adds the keys the run lacks and keeps the first start's values
         # (a continued run may change only max_iters, logger.* and the like: config.resolved.yaml has this start's)
         params = [Param(k, v) for k, v in flat_params(config_dict).items() if k not in run.data.params]
-        self.client.log_batch(self.run_id, params=params)
-        self.pending: list = []
-        self.last_flush = time.monotonic()
-        self.warned = False
-        log.info(f"mlflow: run {self.run_id} in {redact(self.uri)}")
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
 
     def _existing_run(self, run_id: str | None):
         if run_id is None:
