@@ -217,9 +217,11 @@ def test_mlflow_run_and_its_resume_after_a_kill_are_one_run_with_every_metric_on
         run = Training(tmp_path, *args)
 
         def sent_past_checkpoint() -> bool:
+            from mlflow.tracking import MlflowClient
+
             runs = mlflow_runs(mlflow_server, experiment)
-            steps = history(mlflow_server, runs[0].info.run_id).get("train/loss", []) if runs else []
-            return bool(steps) and steps[-1][0] > CHECKPOINT_AT
+            losses = MlflowClient(mlflow_server).get_metric_history(runs[0].info.run_id, "train/loss") if runs else []
+            return max((m.step for m in losses), default=0) > CHECKPOINT_AT
 
         kill_after_checkpoint(run, run_dir, sent_past_checkpoint)
         result = run_cli("nanogpt.train", *args, cwd=tmp_path)  # resumes from step 100, logs 101.. again

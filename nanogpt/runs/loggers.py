@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from enum import Enum
 from pathlib import Path
 
@@ -65,6 +63,9 @@ def check(cfg: LoggerConfig) -> None:
 
 def check_server(uri: str, experiment: str) -> None:
     """The MLflow server at uri answers an API call, with the environment's credentials."""
+    import urllib.error
+    import urllib.request  # here: it imports ssl, and every start of nanogpt-train imports this module
+
     query = urllib.parse.urlencode({"experiment_name": experiment})
     request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}",
                                      headers=_auth_headers())
