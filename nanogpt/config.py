@@ -166,6 +166,17 @@ class LoggerConfig:
         return [name for name in ("wandb", "tensorboard", "mlflow") if getattr(self, name)]
 
 
+def upgrade_logger(snapshot) -> None:
+    """A run's config snapshot (DictConfig) from before the switches, whose logger.name was none or
+    wandb, in today's terms (logger.wandb), so that such a run can be resumed or reproduced. Mutates it."""
+    logger = snapshot.get("logger")
+    if logger is None or "name" not in logger:
+        return
+    name = logger.pop("name")
+    if name == "wandb":
+        logger.wandb = True
+
+
 class Objective(str, Enum):
     """What a search minimises, read from each trial's run (nanogpt/sweeps/search.py)."""
 

@@ -280,3 +280,23 @@ def test_a_missing_tracker_package_names_the_install(data_dir, tmp_path, tracker
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert_one_line_error(result, f"logger.{tracker}=true needs the {extra} package", f"pip install 'nanogpt[{extra}]'")
     assert not (tmp_path / "run").exists()
+
+
+# --- run dirs from before the switches ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_from_before_the_switches_resumes_and_reproduces_with_its_logger(data_dir, tmp_path):
+    """A run dir whose config says logger.name: wandb (as every run did before logger=[...]) is
+    continued and reproduced with logger.wandb=true."""
+    result = run_cli("nanogpt.train", *train_args(data_dir, "old", "max_iters=2", "eval_interval=2"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for snapshot in (tmp_path / "old" / "config.resolved.yaml", tmp_path / "old" / ".hydra" / "config.yaml"):
+        config = yaml.safe_load(snapshot.read_text())
+        config["logger"] = {"name": "wandb", "project": "p", "entity": None, "run_name": None, "mode": None, "tags": []}
+        snapshot.write_text(yaml.safe_dump(config))
+    for how in ("resume=old", "reproduce=old"):
+        shown = run_cli("nanogpt.train", how, "--cfg", "job", cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        logger = yaml.safe_load(shown.stdout)["logger"]
+        assert (logger["wandb"], logger["tensorboard"], logger["mlflow"], logger["project"]) == (True, False, False, "p")

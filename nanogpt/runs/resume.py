@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
+from nanogpt.config import upgrade_logger
 from nanogpt.errors import ConfigError
 from nanogpt.runs import from_nanogpt, runlock
 from nanogpt.runs.runfiles import read_yaml
@@ -167,6 +168,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
     if reproduce is not None:
         source = existing_run_dir(reproduce, "reproduce", ".hydra/config.yaml")
         snapshot = read_yaml(source / ".hydra" / "config.yaml", fix=SNAPSHOT_FIX)
+        upgrade_logger(snapshot)
         _apply_overrides(snapshot, cfg, "reproduce", allowed=lambda key: True)
         snapshot.reproduce = str(source.resolve())
         snapshot.resume = resume
@@ -188,6 +190,7 @@ def plan_run(cfg: DictConfig, preview: bool = False) -> None:
                 f"with save_checkpoints=false): start it again with reproduce={resume}"
             )
         snapshot = read_yaml(source / "config.resolved.yaml", fix=RESOLVED_FIX.format(run_dir=source))
+        upgrade_logger(snapshot)
         _apply_overrides(snapshot, cfg, f"resume={resume}", allowed=is_resumable)
         snapshot.resume = resume
         replace_task_config(cfg, snapshot, source)
