@@ -95,6 +95,7 @@ def as_float32(series: dict) -> dict:
     return {tag: [(step, float(np.float32(v))) for step, v in points] for tag, points in series.items()}
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_equal_metrics_jsonl(data_dir, tmp_path):
     result = run_cli("nanogpt.train", *train_args(data_dir, "run", "max_iters=30", "eval_interval=10",
                                                   "logger=tensorboard"), cwd=tmp_path)
