@@ -301,3 +301,7 @@ def test_a_run_from_before_the_switches_resumes_and_reproduces_with_its_logger(d
         assert shown.returncode == 0, shown.stderr
         logger = yaml.safe_load(shown.stdout)["logger"]
         assert (logger["wandb"], logger["tensorboard"], logger["mlflow"], logger["project"]) == (True, False, False, "p")
+    # continued in place (resume=auto, as a rerun sweep job is), with the command's logger: it fits this version
+    extended = run_cli("nanogpt.train", *train_args(data_dir, "old", "max_iters=4", "eval_interval=2"), cwd=tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert json.loads((tmp_path / "old" / "provenance.json").read_text())["resumes"][0]["from_step"] == 2
