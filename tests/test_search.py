@@ -356,4 +356,4 @@ def test_the_study_is_named_in_the_log_without_a_password(tmp_path):
 
     assert where(SearchConfig(), tmp_path) == str(tmp_path / "study.journal")
     assert where(SearchConfig(storage="sqlite:///search.db"), tmp_path) == "sqlite:///search.db"
-    assert where(SearchConfig(storage="postgresql://bob:s3cr@t@db:5432/x"), tmp_path) == "postgresql://bob:***@db:5432/x"
+    assert where(SearchConfig(storage="postgresql://bob:s3cr@t@db:5432/x"), tmp_path) == "postgresql://***@db:5432/x"

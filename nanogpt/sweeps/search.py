@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 from nanogpt.config import Direction, Objective, PrunerName, SamplerName, SearchConfig
 from nanogpt.errors import ConfigError, UserError
+from nanogpt.runs.loggers import redact
 
 if TYPE_CHECKING:
     import optuna
@@ -165,10 +165,10 @@ def storage(search: SearchConfig, sweep_dir: Path):
 
 def where(search: SearchConfig, sweep_dir: Path) -> str:
     """Where the study lives, in words for a log: the journal's path, or search.storage's URL
-    with any password masked (the log and the terminal are no place for it)."""
+    without its user:password@ (the log and the terminal are no place for them)."""
     if search.storage is None:
         return str(sweep_dir / JOURNAL)
-    return re.sub(r"(://[^/:@]*):[^/]*@", r"\1:***@", search.storage)  # user:password@ -> user:***@
+    return redact(search.storage)
 
 
 def open_study(search: SearchConfig, space: dict[str, "BaseDistribution"], sweep_dir: Path, worker: int = 0,
