@@ -139,10 +139,16 @@ def slurm_cluster():
         return
     if shutil.which("slurmctld") is None or os.geteuid() != 0:
         pytest.skip("needs the SLURM daemons and root: run `.ci/slurm-cluster install` (CI does)")
-    up = subprocess.run([str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=180)
-    if up.returncode != 0:
+    try:
+        up = subprocess.run([str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=300)
+        failure = None if up.returncode == 0 else up.stderr[-2000:]
+    except subprocess.TimeoutExpired as timeout:  # stop what it had started, as for any other failure
+        said = timeout.stderr or b""  # bytes on POSIX even with text=True
+        said = said.decode(errors="replace") if isinstance(said, bytes) else said
+        failure = f"'up' did not finish in {timeout.timeout:.0f} s: {said[-2000:]}"
+    if failure is not None:
         subprocess.run([str(CLUSTER_SCRIPT), "down"], capture_output=True, timeout=120)
-        pytest.fail(f"could not bring up the local SLURM cluster: {up.stderr[-2000:]}")
+        pytest.fail(f"could not bring up the local SLURM cluster: {failure}")
     try:
         yield
     finally:
