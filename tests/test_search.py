@@ -357,3 +357,16 @@ def test_the_study_is_named_in_the_log_without_a_password(tmp_path):
     assert where(SearchConfig(), tmp_path) == str(tmp_path / "study.journal")
     assert where(SearchConfig(storage="sqlite:///search.db"), tmp_path) == "sqlite:///search.db"
     assert where(SearchConfig(storage="postgresql://bob:s3cr@t@db:5432/x"), tmp_path) == "postgresql://***@db:5432/x"
+
+
+def test_a_dry_run_leaves_missing_data_unprepared(tmp_path):
+    """A dry run writes nothing, the data cache included (FineWeb-Edu would be a long download):
+    it says the first trial prepares the data, and counts FLOPs with the encoding's vocabulary."""
+    require_shakespeare()
+    missing = tmp_path / "not-prepared"
+    result = search(tmp_path, missing, "search=lr_cpu", "search.dry_run=true", "data=shakespeare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert f"data=shakespeare is not prepared in {missing}: the first trial will prepare it" in out
+    assert "FLOPs for 30 trials" in out and "256 tokens" not in out  # gpt2's 50,257, known without the data
+    assert not missing.exists() and not (tmp_path / "sweep").exists()

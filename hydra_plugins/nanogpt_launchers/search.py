@@ -94,10 +94,22 @@ def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_d
     on_this_machine = workers == "local" or sweeper.launcher.on_this_machine
     # the base config checked as a job's would be (init_from, optimizer, device, data and vocab)
     (base,) = launcher.plan_jobs(loader, config, [[*overrides, "hydra.sweep.subdir=trial-check"]], 0)
-    launcher.check_jobs([base], on_this_machine=on_this_machine)
-    meta = preflight.check_data_and_vocab(train_config)
+    # a dry run writes nothing, the data cache included: a missing dataset (FineWeb-Edu is days of
+    # download) is left for the first trial, and the FLOPs use the vocabulary known without it
+    from nanogpt.data.datasets import is_prepared
+
+    unprepared = settings.dry_run and not is_prepared(train_config.data.dir)
+    launcher.check_jobs([base], on_this_machine=on_this_machine, check_data=not unprepared)
+    if unprepared:
+        vocab = preflight.vocab_before_preparing(train_config)
+        log.info(f"data={train_config.data.name} is not prepared in {train_config.data.dir}: the first trial will "
+                 f"prepare it (or nanogpt-prepare data={train_config.data.name} now)"
+                 + ("" if vocab else "; its char vocabulary is unknown until then: FLOPs counted with 256 tokens"))
+        vocab = vocab or 256
+    else:
+        vocab = preflight.check_data_and_vocab(train_config)["vocab_size"]
     world_size = planned_world_size(train_config.hardware)
-    tokens_per_step, flops_per_token = budgets.per_step(train_config, meta["vocab_size"], world_size)
+    tokens_per_step, flops_per_token = budgets.per_step(train_config, vocab, world_size)
     budget = budgets.resolve(train_config, tokens_per_step, flops_per_token)
     tokens = None if budget.by_time else budget.max_steps * tokens_per_step
     words = search.budget_words(train_config, budget)

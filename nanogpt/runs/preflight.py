@@ -105,6 +105,23 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
     return meta
 
 
+def vocab_before_preparing(config: TrainConfig) -> int | None:
+    """The vocabulary the model will have, read without preparing the data (a search's dry run
+    writes nothing): model.vocab_size, else init_from's weights', else the tiktoken encoding's.
+    None for a char vocabulary, which only the prepared data knows."""
+    if config.model.vocab_size is not None:
+        return config.model.vocab_size
+    if config.init_from != "scratch":
+        from nanogpt.runs import weights
+
+        return weights.peek_model_config(config.init_from).vocab_size
+    if config.data.encoding != "char":
+        from nanogpt.data.tokenizer import get_tiktoken_encoding
+
+        return get_tiktoken_encoding(config.data.encoding).n_vocab
+    return None
+
+
 def check_memory(config: TrainConfig, data_meta: dict) -> None:
     """A training step fits in the memory the device has (a lower-bound estimate; nanogpt/parallel/memory.py)."""
     from nanogpt.parallel import hardware, memory

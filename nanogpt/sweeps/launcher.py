@@ -98,10 +98,11 @@ def job_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
 
 
-def check_jobs(jobs: list[SweepJob], on_this_machine: bool) -> None:
+def check_jobs(jobs: list[SweepJob], on_this_machine: bool, check_data: bool = True) -> None:
     """The rest of a single run's checks (nanogpt/runs/preflight.py) for every job that will run:
-    init_from, the optimizer, data and vocab (preparing the data if it is missing), and the device
-    where the jobs run on this machine (a SLURM job's GPUs are on its node, not on the login node)."""
+    init_from, the optimizer, data and vocab (preparing the data if it is missing; not with
+    check_data=False), and the device where the jobs run on this machine (a SLURM job's GPUs are
+    on its node, not on the login node)."""
     for job in jobs:
         if job.finished:
             continue
@@ -111,7 +112,7 @@ def check_jobs(jobs: list[SweepJob], on_this_machine: bool) -> None:
             preflight.check_optimizer(train_config)
             if on_this_machine:
                 preflight.check_hardware(train_config)
-            if job.config.hydra.callbacks.preflight.get("check_data", True):
+            if check_data and job.config.hydra.callbacks.preflight.get("check_data", True):
                 preflight.check_data_and_vocab(train_config)
 
 
