@@ -7,7 +7,8 @@
 
 Every run dir under the given dir (a sweep's job dirs, or any dir of run dirs) is one row: the
 command-line overrides that differ between runs (those all runs share are printed once), status, best and final val loss, tokens/s, wall time, restarts,
-what ended the run (max_iters, a budget or the target) and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose), read
+what ended the run (max_iters, a budget or the target) and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose),
+and, when some run ran lm-eval tasks during training (eval_tasks), a column eval/TASK/METRIC per score with its newest value, read
 from what the run wrote (`.hydra/overrides.yaml`, `provenance.json`, `metrics.jsonl`). Rows are
 sorted by the metric, runs without it last.
 
