@@ -288,6 +288,12 @@ class TrainConfig:
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 1  # print and record a train line every this many steps
     eval_only: bool = False  # evaluate once and exit (the eval_gpt2* experiments)
+    # lm-eval tasks run during training (docs/evaluation.md; pip install 'nanogpt[eval]'), e.g. [hellaswag]:
+    # on rank 0 at every eval_tasks_interval steps and at the last step, logged as eval/TASK/METRIC
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_tasks_interval: Optional[int] = None  # steps; a multiple of eval_interval. None: at every evaluation
+    eval_tasks_limit: Optional[int] = 100  # examples per task each time (bounded: it interrupts training); None: all
+    eval_tasks_include_path: Optional[str] = None  # a dir of lm-eval task YAML files of your own
     save_checkpoints: bool = True  # write last.pt (each eval and on stop) and best.pt (on improvement)
     keep_checkpoints: int = 2  # checkpoints/step-N.pt kept besides last.pt and best.pt
     # auto: continue from the run dir's checkpoint if it holds one (a requeued job) | never | a run
@@ -313,6 +319,25 @@ class SampleConfig:
     top_k: Optional[int] = 200  # keep only the k likeliest tokens; None: all
     seed: int = 1337
     kv_cache: bool = True  # keep keys and values between tokens; false: recompute the context each token
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+@dataclass
+class EvalConfig:
+    # what to evaluate: a run dir or checkpoint of ours, a nanoGPT ckpt.pt, a GPT-2 name
+    # (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF GPT-2 dir
+    source: str = MISSING
+    checkpoint: str = "best"  # for a run dir: best | last
+    tasks: List[str] = MISSING  # lm-eval task names, e.g. [hellaswag,lambada_openai]
+    limit: Optional[int] = None  # examples per task; None: all
+    num_fewshot: Optional[int] = None  # examples shown before each question; None: the task's default
+    batch_size: int = 8  # sequences per forward pass
+    max_gen_toks: int = 256  # tokens a generation task may write, unless the task says
+    tasks_include_path: Optional[str] = None  # a dir of lm-eval task YAML files of your own
+    out_dir: Optional[str] = None  # None: <run dir>/eval for a run dir, else eval/<source name> under the cwd
+    tokenizer: Optional[str] = None  # meta.json / nanoGPT meta.pkl / tiktoken name; None: from the source
+    bootstrap_iters: int = 100000  # resamples for the standard errors of non-mean metrics (lm-eval's default); 0: none
+    seed: int = 1234  # lm-eval's seeds (few-shot draws, sampling)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
@@ -399,6 +424,19 @@ def check_budgets(c: TrainConfig) -> None:
         raise ConfigError("stop_at_target=true needs a target: set target_val_loss (e.g. target_val_loss=1.5)")
 
 
+def check_eval_tasks(c: TrainConfig) -> None:
+    """The in-training lm-eval keys (which tasks exist is asked of lm-eval, in runs/preflight.py)."""
+    if c.eval_tasks_limit is not None and c.eval_tasks_limit <= 0:
+        raise ConfigError(f"eval_tasks_limit={c.eval_tasks_limit} must be a positive number of examples per task, "
+                          f"or null for all")
+    if c.eval_tasks_interval is not None and (c.eval_tasks_interval < 1 or c.eval_tasks_interval % c.eval_interval):
+        raise ConfigError(f"eval_tasks_interval={c.eval_tasks_interval} must be a multiple of eval_interval="
+                          f"{c.eval_interval} (the tasks run with an evaluation), or null for every evaluation")
+    if c.eval_tasks and c.hardware.fsdp:
+        raise ConfigError("eval_tasks run on rank 0 alone, and hardware.fsdp shards the model over the ranks: "
+                          "set eval_tasks=[] (evaluate the run's checkpoints with nanogpt-eval), or hardware.fsdp=false")
+
+
 def check_train_config(c: TrainConfig) -> None:
     """Cross-field rules that the schema's types cannot express. Raises ConfigError."""
     check_model_config(c.model)
@@ -425,6 +463,7 @@ def check_train_config(c: TrainConfig) -> None:
                           "reproduce=<run dir> starts it again in a fresh dir; pick one")
     if c.max_iters < 0:
         raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
+    check_eval_tasks(c)
     check_budgets(c)
     o = c.optim
     if o.name not in ("adamw", "muon"):
@@ -557,6 +596,7 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="bench_schema", node=BenchConfig)
 

@@ -231,9 +231,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, stop=None):
         """Extend each row of idx (B, T) by max_new_tokens sampled tokens. temperature 0 is greedy;
-        top_k keeps only the k likeliest tokens at each step.
+        top_k keeps only the k likeliest tokens at each step. stop(idx) is asked after each new
+        token: True ends the generation there (an evaluation's stop string was written).
 
         With use_cache, each layer keeps the keys and values of the tokens so far, and a new token
         runs through the model alone. Once the text is longer than block_size, the context window
@@ -262,4 +263,6 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, next_token), dim=1)
+            if stop is not None and stop(idx):
+                break
         return idx

@@ -34,45 +34,54 @@ def check_options(cfg: SampleConfig) -> None:
         raise UserError(f"top_k={cfg.top_k} must be >= 1, or null for no cut-off")
 
 
-def load_tokenizer(cfg: SampleConfig, pretrained):
+def load_tokenizer(spec: str | None, pretrained):
     """The tokenizer of the weights: from the tokenizer option, or the one the weights came with
     (our checkpoints carry their dataset's meta; a nanoGPT ckpt.pt its dataset's meta.pkl, see
     weights.nanogpt_meta); GPT-2 BPE when nothing says otherwise (as nanoGPT's sample.py assumes)."""
     from nanogpt.data import tokenizer as tok
 
-    if cfg.tokenizer is not None:
-        return tok.load(cfg.tokenizer)
+    if spec is not None:
+        return tok.load(spec)
     if pretrained.data_meta is not None:
         return tok.from_meta(pretrained.data_meta)
     log.info("tokenizer: no meta found with the checkpoint, assuming GPT-2 BPE (set tokenizer=... otherwise)")
     return tok.load("gpt2")
 
 
-def sample(cfg: SampleConfig) -> list[str]:
-    import torch
-
+def load_model(init_from: str, checkpoint: str, tokenizer_spec: str | None, device: str):
+    """(model in eval mode on device, its Pretrained, its tokenizer) from init_from (a run dir,
+    checkpoint, nanoGPT ckpt.pt, GPT-2 name or HF dir), which checkpoint of a run dir (best | last)
+    and a tokenizer (None: the weights' own): the one way nanogpt-sample and nanogpt-eval load
+    what they run."""
     from nanogpt.model import GPT
-    from nanogpt.parallel import hardware
     from nanogpt.runs import weights
 
-    check_options(cfg)
-    prompt = read_prompt(cfg)
-    hw = hardware.resolve(cfg.hardware)
-    pretrained = weights.load(cfg.init_from, which=cfg.checkpoint)
-    # nanoGPT's sample.py order, so that the same seed writes the same text: seed, build the model
-    # (its init draws from the RNG, before the weights replace it), load, then draw every token from
-    # the global RNG. The KV cache draws the same tokens (tests/test_from_nanogpt.py checks both).
-    torch.manual_seed(cfg.seed)
+    pretrained = weights.load(init_from, which=checkpoint)
     model = GPT(pretrained.model_config)
     weights.load_into(model, pretrained.state_dict, pretrained.source)
-    model.eval().to(hw.device)
-
-    tokenizer = load_tokenizer(cfg, pretrained)
+    model.eval().to(device)
+    tokenizer = load_tokenizer(tokenizer_spec, pretrained)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
             f"set tokenizer= to the one the model was trained with"
         )
+    return model, pretrained, tokenizer
+
+
+def sample(cfg: SampleConfig) -> list[str]:
+    import torch
+
+    from nanogpt.parallel import hardware
+
+    check_options(cfg)
+    prompt = read_prompt(cfg)
+    hw = hardware.resolve(cfg.hardware)
+    # nanoGPT's sample.py order, so that the same seed writes the same text: seed, build the model
+    # (its init draws from the RNG, before the weights replace it), load, then draw every token from
+    # the global RNG. The KV cache draws the same tokens (tests/test_from_nanogpt.py checks both).
+    torch.manual_seed(cfg.seed)
+    model, _, tokenizer = load_model(cfg.init_from, cfg.checkpoint, cfg.tokenizer, hw.device)
     ids = getattr(tokenizer, "encode_prompt", tokenizer.encode)(prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization: give at least one character")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from nanogpt.cli import hydra_entrypoint
 from nanogpt.config import AUTO, NonFinite, TrainConfig, check_world_size, config_dir
 from nanogpt.errors import UserError, user_errors
+from nanogpt.evals.in_training import TaskEvaluation
 from nanogpt.parallel import autobatch, distributed, launch
 from nanogpt.parallel.distributed import DistEnv
 from nanogpt.runs import from_nanogpt, trial
@@ -503,6 +504,7 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
         progress.wandb_run_id, progress.mlflow_run_id = metrics.wandb_run_id, metrics.mlflow_run_id
     else:
         metrics = NoMetrics()
+    tasks = TaskEvaluation(config, raw_model, data_meta, hw.device, hw.autocast, env.is_main)  # eval_tasks (lm-eval)
     batch = train_batches.next_batch()
     if rng_state is not None:
         rng.restore(rng_state, hw.device)
@@ -538,7 +540,8 @@ def _train(config: TrainConfig, run_dir: Path, data_meta: dict, resolved_config:
                 if reached:  # time to target: recorded once, kept by checkpoints
                     progress.target = {"step": step, **spent(step)}
                 metrics.log(step, "eval", train_loss=last_eval["train"], val_loss=last_eval["val"], **spent(step),
-                            **({"reached_target": True} if reached else {}))
+                            **({"reached_target": True} if reached else {}),
+                            **tasks.at(step, last=step == end_step or eval_only))
                 log.info(f"step {step}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
                 if reached:
                     log.info(f"val loss reached target_val_loss={target:g} at step {step}: "

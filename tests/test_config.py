@@ -115,6 +115,10 @@ def test_command_line_overrides_the_experiment():
 
 def test_sample_prepare_and_bench_configs_compose():
     compose("sample", ["init_from=gpt2"])
+    from nanogpt.config import EvalConfig, to_object
+
+    evaluation = to_object(compose("eval", ["source=gpt2", "tasks=[hellaswag,lambada_openai]", "limit=10"]))
+    assert isinstance(evaluation, EvalConfig) and evaluation.tasks == ["hellaswag", "lambada_openai"]
     compose("prepare", ["data=shakespeare"])
     bench = compose("bench", ["bench.steps=3", "experiment=shakespeare_char"])
     assert bench.bench.steps == 3 and bench.model.n_layer == 6

@@ -30,13 +30,15 @@ MAY_IMPORT = {
     "nanogpt.optim": FOUNDATION,
     "nanogpt.data": FOUNDATION,
     "nanogpt.parallel": FOUNDATION,
-    "nanogpt.runs": FOUNDATION | {"nanogpt.model", "nanogpt.data", "nanogpt.parallel"},
+    "nanogpt.evals": FOUNDATION | {"nanogpt.model", "nanogpt.data"},
+    "nanogpt.runs": FOUNDATION | {"nanogpt.model", "nanogpt.data", "nanogpt.parallel", "nanogpt.evals"},
     "nanogpt.sweeps": FOUNDATION | {"nanogpt.data", "nanogpt.parallel", "nanogpt.runs"},
     "hydra_plugins.nanogpt_launchers": FOUNDATION | {"nanogpt.parallel", "nanogpt.runs", "nanogpt.sweeps"},
 }
-ENTRYPOINTS = ("train", "sample", "bench", "prepare")  # Hydra's: they answer --cfg job and --help
+ENTRYPOINTS = ("train", "sample", "evaluate", "bench", "prepare")  # Hydra's: they answer --cfg job and --help
 PLAIN_ENTRYPOINTS = ("gpu_check", "sweeps.dashboard")  # argparse's: they answer --help
-HEAVY = ("torch", "numpy", "tiktoken", "wandb", "submitit", "matplotlib", "datasets", "optuna", "mlflow", "tensorboard")
+HEAVY = ("torch", "numpy", "tiktoken", "wandb", "submitit", "matplotlib", "datasets", "optuna", "mlflow", "tensorboard",
+         "lm_eval")
 
 
 def modules(root: Path) -> dict[str, Path]:

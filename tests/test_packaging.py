@@ -85,7 +85,7 @@ def test_experiments_work_from_an_installed_wheel(tmp_path):
 
 def test_console_scripts_are_installed():
     bindir = os.path.dirname(sys.executable)
-    for script in ("nanogpt-train", "nanogpt-prepare", "nanogpt-sample", "nanogpt-bench", "nanogpt-report", "nanogpt-compare",
+    for script in ("nanogpt-train", "nanogpt-prepare", "nanogpt-sample", "nanogpt-eval", "nanogpt-bench", "nanogpt-report", "nanogpt-compare",
                    "nanogpt-gpu-check", "nanogpt-dashboard"):
         path = shutil.which(script, path=bindir)
         assert path, f"{script} is not installed: pip install -e ."

@@ -70,6 +70,14 @@ def check_optimizer(config: TrainConfig) -> None:
                           f"upgrade torch, or use optim=adamw")
 
 
+def check_eval_tasks(config: TrainConfig) -> None:
+    """eval_tasks: lm-eval is installed and knows each task (a misspelt one is named with its close matches)."""
+    if config.eval_tasks:
+        from nanogpt.evals import harness
+
+        harness.task_manager(config.eval_tasks, config.eval_tasks_include_path)
+
+
 def check_data_and_vocab(config: TrainConfig) -> dict:
     """Prepare the dataset if it is missing (the data cache, not the run dir), then check that the
     model's vocabulary covers it and the training context fits in it. Returns the data's meta.
@@ -313,6 +321,7 @@ class Preflight(Callback):
             check_init_from(train_config)
             check_hardware(train_config)
             check_optimizer(train_config)
+            check_eval_tasks(train_config)
             if self.check_data:
                 meta = check_data_and_vocab(train_config)
                 check_memory(train_config, meta)

@@ -7,7 +7,8 @@
 
 Every run dir under the given dir (a sweep's job dirs, or any dir of run dirs) is one row: the
 command-line overrides that differ between runs (those all runs share are printed once), status, best and final val loss, tokens/s, wall time, restarts,
-what ended the run (max_iters, a budget or the target) and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose), read
+what ended the run (max_iters, a budget or the target) and micro_batch (sequences per micro-step x micro-steps per optimizer step: what batch_size=auto chose),
+and, when some run ran lm-eval tasks during training (eval_tasks), a column eval/TASK/METRIC per score with its newest value, read
 from what the run wrote (`.hydra/overrides.yaml`, `provenance.json`, `metrics.jsonl`). Rows are
 sorted by the metric, runs without it last.
 
@@ -85,6 +86,7 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
         "restarts": len(record.get("resumes", [])),
         "ended_by": record.get("ended_by"),  # max_iters, a budget (max_tokens, ...), or target; None until it ends
         "micro_batch": _micro_batch([record, *record.get("resumes", [])]),
+        "tasks": task_scores(evals),
         "curve": [(e["step"], e["val_loss"]) for e in evals],
         "override_values": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("hydra.", "+", "~"))),
         # for the comparisons at equal cost: a failed run stops short, and would set every budget
@@ -92,6 +94,20 @@ def read_run(run_dir: Path, sweep_dir: Path) -> dict:
                               target=target if isinstance(target, dict) else None,
                               target_val_loss=config.get("target_val_loss") if config is not None else None),
     }
+
+
+def task_scores(evals: list[dict]) -> dict[str, float]:
+    """The newest value of each lm-eval metric the run's evaluations logged (eval_tasks: keys
+    TASK/METRIC beside the val loss), as report columns eval/TASK/METRIC."""
+    found = {}
+    for record in evals:
+        found.update({f"eval/{k}": v for k, v in record.items() if "/" in k and _is_number(v)})
+    return found
+
+
+def task_columns(rows: list[dict]) -> tuple[str, ...]:
+    """The lm-eval columns any run has, sorted: the table grows by them only when some run logged them."""
+    return tuple(sorted({key for row in rows for key in row["tasks"]}))
 
 
 def _micro_batch(starts: list[dict]) -> str | None:
@@ -126,10 +142,10 @@ def sort_rows(rows: list[dict], metric: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0.0))
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c], c) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c, row["tasks"].get(c)), c) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -438,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = sort_rows(rows, args.sort)
         baseline = find_baseline(groups, args.baseline) if args.baseline is not None else None  # before any file is written
         common = show_swept_overrides(rows)
-        table = markdown(rows)
+        columns = COLUMNS + task_columns(rows)  # eval/TASK/METRIC of the runs that ran eval_tasks
+        table = markdown(rows, columns)
         seeded = baseline is not None or any(len(runs) > 1 for runs in groups.values())
         stats = group_stats(groups, baseline, args.sort)
         curves = {label: [r["run_curve"] for r in runs] for label, runs in groups.items()}
@@ -452,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(budgets)
         text = "\n".join(sections)
         (args.sweep_dir / "report.md").write_text(text)
-        write_csv(rows, args.sweep_dir / "report.csv")
+        write_csv([{**row, **row["tasks"]} for row in rows], args.sweep_dir / "report.csv", columns)
         write_csv(groups_csv_rows(stats), args.sweep_dir / "report_groups.csv", GROUP_COLUMNS)
         written = ["report.md", "report.csv", "report_groups.csv", "report.png"]
         if budget_rows:
