@@ -96,9 +96,7 @@ def _drive(sweeper, overrides: List[str], train_config, settings, space, sweep_d
     (base,) = launcher.plan_jobs(loader, config, [[*overrides, "hydra.sweep.subdir=trial-check"]], 0)
     # a dry run writes nothing, the data cache included: a missing dataset (FineWeb-Edu is days of
     # download) is left for the first trial, and the FLOPs use the vocabulary known without it
-    from nanogpt.data.datasets import is_prepared
-
-    unprepared = settings.dry_run and not is_prepared(train_config.data.dir)
+    unprepared = settings.dry_run and not preflight.data_is_prepared(train_config)
     launcher.check_jobs([base], on_this_machine=on_this_machine, check_data=not unprepared)
     if unprepared:
         vocab = preflight.vocab_before_preparing(train_config)

@@ -113,6 +113,13 @@ def check_data_and_vocab(config: TrainConfig) -> dict:
     return meta
 
 
+def data_is_prepared(config: TrainConfig) -> bool:
+    """data.dir holds train.bin, val.bin and a meta (not yet checked against data.source)."""
+    from nanogpt.data.datasets import is_prepared
+
+    return is_prepared(config.data.dir)
+
+
 def vocab_before_preparing(config: TrainConfig) -> int | None:
     """The vocabulary the model will have, read without preparing the data (a search's dry run
     writes nothing): model.vocab_size, else init_from's weights', else the tiktoken encoding's.
