@@ -134,7 +134,7 @@ def check_corpus(source: str, files: list[DocFile], text_column: str) -> int | N
         pq = _pyarrow_parquet()
         with first.open() as fh:
             schema = pq.ParquetFile(fh).schema_arrow
-        _check_column(source, first, text_column, schema.names)
+        _check_column(source, first, text_column, schema)
         total = parquet_rows(files) if all(f.kind == "parquet" for f in files) else None
         if total == 0:
             raise UserError(f"data.source={source} holds no documents (its parquet files have 0 rows)")
@@ -144,12 +144,19 @@ def check_corpus(source: str, files: list[DocFile], text_column: str) -> int | N
     raise UserError(f"data.source={source} holds no documents ({len(files)} file(s), every one empty)")
 
 
-def _check_column(source: str, f: DocFile, text_column: str, names: list[str]) -> None:
-    if text_column not in names:
+def _check_column(source: str, f: DocFile, text_column: str, schema) -> None:
+    """The parquet file's schema (pyarrow) has text_column, of strings."""
+    import pyarrow as pa
+
+    if text_column not in schema.names:
         raise UserError(
             f"data.source={source}: {f.name} has no column {text_column!r}, its columns are "
-            f"{', '.join(names) or '(none)'}: set data.text_column=<the one that holds the text>"
+            f"{', '.join(schema.names) or '(none)'}: set data.text_column=<the one that holds the text>"
         )
+    kind = schema.field(text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise UserError(f"data.source={source}: column {text_column!r} of {f.name} holds {kind}, not text: "
+                        f"set data.text_column to the column that holds the text")
 
 
 def parquet_rows(files: list[DocFile]) -> int:
@@ -172,23 +179,17 @@ def iter_documents(files: list[DocFile], text_column: str, skip: int, source: st
 
 
 def _parquet_documents(f: DocFile, text_column: str, skip: int, source: str) -> Iterator[str]:
-    import pyarrow as pa
-
     pq = _pyarrow_parquet()
     with f.open() as fh:
         pf = pq.ParquetFile(fh)
         meta = pf.metadata
         if skip >= meta.num_rows:  # consumed by an earlier run: not even opened past its footer
             return skip - meta.num_rows
-        _check_column(source, f, text_column, pf.schema_arrow.names)
-        kind = pf.schema_arrow.field(text_column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise UserError(f"data.source={source}: column {text_column!r} of {f.name} holds {kind}, not text: "
-                            f"set data.text_column to the column that holds the text")
+        _check_column(source, f, text_column, pf.schema_arrow)
         groups = []
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
-            if skip >= rows:
+            if not groups and skip >= rows:  # only a leading run of groups is skipped whole
                 skip -= rows
             else:
                 groups.append(g)
