@@ -271,3 +271,18 @@ def test_skipping_consumed_documents_lands_on_the_next_one(tmp_path):
     files = documents.local_files(sorted(tmp_path.iterdir()))
     for skip in (0, 1, 250, 299, 300, 301, 899, 900, 950, 999, 1_000, 1_001, 1_499, 1_500, 1_777, 2_049, 2_050):
         assert list(documents.iter_documents(files, "text", skip, "src")) == docs[skip:], skip
+
+
+@pytest.mark.slow
+def test_prepare_benchmark_prints_its_figures(tmp_path, gpt2_tiktoken, capsys):
+    """benchmarks/prepare_documents.py at a small size: throughput against the nanoGPT-style
+    preparation, and peak memory at 1x and 2x the corpus, printed (never asserted: a shared CPU)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "prepare_documents.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--sizes-mb", "5", "10", "--work-dir", str(tmp_path)])
+    with capsys.disabled():
+        print("\n" + capsys.readouterr().out)
+    assert rows["5MB nanogpt-prepare (documents)"]["tokens"] == rows["5MB nanoGPT prepare.py style"]["tokens"]
