@@ -151,6 +151,32 @@ def test_killed_prepare_continues_to_byte_identical_files(tmp_path, corpus, gpt2
     assert not (out / documents.PROGRESS).exists() and not list(out.glob("*.partial"))
 
 
+_encode_chunk = documents.encode_chunk
+
+
+def _encode_or_die(job):
+    """A worker that dies (as the OOM killer leaves it) at the chunk starting at document 768."""
+    if job[0] == 768:
+        os._exit(9)
+    return _encode_chunk(job)
+
+
+def test_a_worker_that_dies_is_one_line_and_the_prepare_continues(tmp_path, corpus, gpt2_tiktoken, monkeypatch):
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the dying worker is patched in before the pool forks")
+    d, docs, expected = corpus
+    cfg = config(tmp_path, d / "corpus.parquet")
+    monkeypatch.setattr(documents, "encode_chunk", _encode_or_die)  # the workers are forked: they see it
+    with pytest.raises(UserError, match="a tokenizer worker process of docs died .*: prepare again to continue"):
+        prepare(cfg)
+    assert not is_prepared(cfg.dir)
+    monkeypatch.undo()
+    prepare(cfg)
+    assert bins(tmp_path / "out") == {s: expected[s].tobytes() for s in ("train", "val")}
+
+
 def test_other_data_options_start_over_instead_of_continuing(tmp_path, corpus, gpt2_tiktoken):
     d, docs, _ = corpus
     cfg = config(tmp_path, d / "corpus.parquet")

@@ -387,20 +387,30 @@ def tokenize_documents(
             for job in jobs():
                 write(job, encode_chunk(job))
             return progress
-        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         # The main process reads; at most 2 x workers chunks are read and not yet written, so memory
-        # is bounded whatever the corpus size. Results come back in order (a deque of AsyncResults).
-        pool = stack.enter_context(multiprocessing.get_context("spawn" if os.name == "nt" else None).Pool(workers))
+        # is bounded whatever the corpus size. Results are written in order (a deque of futures).
+        # A process pool, not multiprocessing.Pool: a worker that dies (the OOM killer) breaks the
+        # pool with an error instead of leaving its chunk's result to be waited for forever.
+        pool = ProcessPoolExecutor(workers)
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         pending: collections.deque = collections.deque()
-        for job in jobs():
-            pending.append((job, pool.apply_async(encode_chunk, (job,))))
-            if len(pending) >= 2 * workers:
-                job0, result = pending.popleft()
-                write(job0, result.get())
-        while pending:
-            job0, result = pending.popleft()
-            write(job0, result.get())
+        try:
+            for job in jobs():
+                pending.append((job, pool.submit(encode_chunk, job)))
+                if len(pending) >= 2 * workers:
+                    job0, future = pending.popleft()
+                    write(job0, future.result())
+            while pending:
+                job0, future = pending.popleft()
+                write(job0, future.result())
+        except BrokenProcessPool:
+            raise UserError(
+                f"a tokenizer worker process of {name} died (killed, or out of memory): prepare again to continue "
+                f"after the {progress.documents:,} documents done (or give fewer data.num_threads or data.chunk_documents)"
+            ) from None
     return progress
 
 
