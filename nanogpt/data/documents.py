@@ -3,8 +3,8 @@ bounded memory.
 
 The corpus is parquet or jsonl files, local (a file or a glob) or on the HuggingFace hub
 (`hf://datasets/OWNER/NAME/PATH_GLOB`, read through huggingface_hub's HfFileSystem, so nothing is
-downloaded whole). Documents are read in order (files sorted, rows in order; parquet through
-pyarrow's `iter_batches`, one column), cut into chunks of `data.chunk_documents` documents, and
+downloaded whole). Documents are read in order (files sorted, rows in order; parquet one row
+group of one column at a time), cut into chunks of `data.chunk_documents` documents, and
 each chunk is tokenized in a pool of worker processes (tiktoken's `encode_ordinary_batch`, the
 end-of-text token after every document, as nanoGPT's openwebtext/prepare.py does). Results are
 appended in order to `.train.bin.partial` and `.val.bin.partial`.
@@ -20,7 +20,7 @@ to its recorded size and the consumed documents are skipped (whole parquet files
 by their footers' row counts, without reading them). Other data options start over.
 
 Memory: at most 2 x workers chunks are in flight (read, being tokenized, or waiting to be
-written), whatever the corpus size; a parquet file is read one record batch at a time.
+written), whatever the corpus size; a parquet file is read one row group at a time.
 
 The caller (nanogpt/data/datasets.py) holds the dir's locks, names the files and writes
 meta.json last, so a partly prepared dir is never a dataset.
@@ -48,7 +48,7 @@ PROGRESS = ".progress.json"
 PARTIAL = ".{split}.bin.partial"
 SUFFIXES = (".parquet", ".jsonl")
 HUB_PREFIX = "hf://"
-PARQUET_BATCH_ROWS = 1024  # rows per pyarrow record batch: the reading granularity of a parquet file
+PARQUET_BATCH_ROWS = 1024  # rows of a row group turned into Python strings at a time
 HF_EXTRA = "pip install 'nanogpt[hf]'"
 
 
@@ -186,19 +186,18 @@ def _parquet_documents(f: DocFile, text_column: str, skip: int, source: str) -> 
         if skip >= meta.num_rows:  # consumed by an earlier run: not even opened past its footer
             return skip - meta.num_rows
         _check_column(source, f, text_column, pf.schema_arrow)
-        groups = []
-        for g in range(meta.num_row_groups):
-            rows = meta.row_group(g).num_rows
-            if not groups and skip >= rows:  # only a leading run of groups is skipped whole
-                skip -= rows
-            else:
-                groups.append(g)
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[text_column]):
-            texts = batch.column(0).to_pylist()
-            if skip:
-                texts, skip = texts[skip:], max(0, skip - len(texts))
-            for text in texts:
-                yield "" if text is None else text
+        first = 0  # a leading run of row groups consumed by an earlier run is skipped unread
+        while first < meta.num_row_groups and skip >= meta.row_group(first).num_rows:
+            skip -= meta.row_group(first).num_rows
+            first += 1
+        # One row group at a time (read_row_group): memory stays flat however long the file, which
+        # iter_batches over a whole file does not (measured: +1 MB of RSS per MB read, pyarrow 25).
+        for g in range(first, meta.num_row_groups):
+            table = pf.read_row_group(g, columns=[text_column]).slice(skip)
+            skip = 0
+            for batch in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):
+                yield from ("" if text is None else text for text in batch.column(0).to_pylist())
+            del table
     return 0
 
 
