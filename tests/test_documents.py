@@ -244,6 +244,7 @@ def test_corpus_mistakes_are_one_line_each(tmp_path, gpt2_tiktoken):
         f.write('{"body": "no text key on line 6"}\n')
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     write_parquet(tmp_path / "ints.parquet", ["x"], text=[1])  # "text" holds integers
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 but not really parquet")
     cases = {
         "empty.jsonl": "holds no documents",
         "empty.parquet": "holds no documents (its parquet files have 0 rows)",
@@ -252,6 +253,7 @@ def test_corpus_mistakes_are_one_line_each(tmp_path, gpt2_tiktoken):
         "late.jsonl": "late.jsonl line 6 has no key 'text' (it has body)",
         "bad.jsonl": "bad.jsonl line 2 is not JSON",
         "ints.parquet": "ints.parquet holds int64, not text",
+        "broken.parquet": "broken.parquet as parquet (",
     }
     for source, fragment in cases.items():
         out = f"out_{source.replace('*', 'x').replace('/', '_')}"

@@ -131,11 +131,11 @@ def check_corpus(source: str, files: list[DocFile], text_column: str) -> int | N
     check_files(source, files)
     first = files[0]
     if first.kind == "parquet":
-        pq = _pyarrow_parquet()
-        with first.open() as fh:
-            schema = pq.ParquetFile(fh).schema_arrow
+        with _reading(first, source):
+            with first.open() as fh:
+                schema = _pyarrow_parquet().ParquetFile(fh).schema_arrow
         _check_column(source, first, text_column, schema)
-        total = parquet_rows(files) if all(f.kind == "parquet" for f in files) else None
+        total = parquet_rows(files, source) if all(f.kind == "parquet" for f in files) else None
         if total == 0:
             raise UserError(f"data.source={source} holds no documents (its parquet files have 0 rows)")
         return total
@@ -159,23 +159,36 @@ def _check_column(source: str, f: DocFile, text_column: str, schema) -> None:
                         f"set data.text_column to the column that holds the text")
 
 
-def parquet_rows(files: list[DocFile]) -> int:
+def parquet_rows(files: list[DocFile], source: str) -> int:
+    """The documents of parquet files, from their footers."""
     pq = _pyarrow_parquet()
     total = 0
     for f in files:
-        with f.open() as fh:
+        with _reading(f, source), f.open() as fh:
             total += pq.ParquetFile(fh).metadata.num_rows
     return total
+
+
+@contextlib.contextmanager
+def _reading(f: DocFile, source: str) -> Iterator[None]:
+    """A file that cannot be read (gone, no network, not parquet) is one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError is an OSError, ArrowInvalid a ValueError
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        fix = "check the network, then prepare again (it continues where it stopped)" if f.hub else "check the file"
+        raise UserError(f"data.source={source}: could not read {f.name} as {f.kind} ({reason}): {fix}") from e
 
 
 def iter_documents(files: list[DocFile], text_column: str, skip: int, source: str) -> Iterator[str]:
     """The text of every document, in order, after the first `skip` documents. A null text is an
     empty document; a jsonl file's blank lines are no documents."""
     for f in files:
-        if f.kind == "parquet":
-            skip = yield from _parquet_documents(f, text_column, skip, source)
-        else:
-            skip = yield from _jsonl_documents(f, text_column, skip, source)
+        with _reading(f, source):
+            if f.kind == "parquet":
+                skip = yield from _parquet_documents(f, text_column, skip, source)
+            else:
+                skip = yield from _jsonl_documents(f, text_column, skip, source)
 
 
 def _parquet_documents(f: DocFile, text_column: str, skip: int, source: str) -> Iterator[str]:
