@@ -418,6 +418,10 @@ def tokenize_documents(
             while pending:
                 job0, future = pending.popleft()
                 write(job0, future.result())
+        except KeyboardInterrupt:
+            log.warning("%s: interrupted after %s documents; prepare again with the same data options to continue",
+                        name, f"{progress.documents:,}")
+            raise
         except BrokenProcessPool:
             raise UserError(
                 f"a tokenizer worker process of {name} died (killed, or out of memory): prepare again to continue "
