@@ -40,6 +40,7 @@ class Norm(str, Enum):
 class DataFormat(str, Enum):
     text = "text"  # one text (file, URL or glob), split into train/val by its tail
     hf = "hf"  # a HuggingFace dataset of documents with a `text` column
+    documents = "documents"  # parquet/jsonl files of documents (local or hf://), streamed and resumable
 
 
 class Schedule(str, Enum):
@@ -96,8 +97,10 @@ class DataConfig:
     format: DataFormat = DataFormat.text
     encoding: str = "char"  # "char" (vocabulary from the data) or a tiktoken encoding name
     val_fraction: float = 0.1  # share of the data held out for validation
-    split_seed: int = 2357  # format=hf: seed of the document-level train/val split
-    num_threads: int = 8  # tokenizer threads for large inputs
+    split_seed: int = 2357  # format=hf/documents: seed of the document-level train/val split
+    num_threads: int = 8  # tokenizer threads for large inputs (format=documents: worker processes, at most the CPUs)
+    text_column: str = "text"  # format=documents: the parquet column or jsonl key that holds each document's text
+    chunk_documents: int = 1024  # format=documents: documents per unit of work and of resumable progress
 
 
 @dataclass

@@ -16,15 +16,15 @@ from nanogpt.runs.preflight import to_train_config
 GROUPS = ["model", "data", "optim", "hardware", "logger"]
 OPTIONS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in GROUPS}
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
-# data=text needs the user's source; give it one so that it validates on its own
-REQUIRED = {"data=text": ["data.source=corpus.txt"]}
+# data=text and data=documents need the user's source; give them one so that they validate on their own
+REQUIRED = {"data=text": ["data.source=corpus.txt"], "data=documents": ["data.source=corpus.parquet"]}
 # pairs that cannot work together: Muon orthogonalises whole matrices, FSDP2 shards them
 INCOMPATIBLE = {frozenset(["optim=muon", "hardware=fsdp"])}
 
 
 def test_groups_and_experiments_exist():
     assert OPTIONS["model"] == ["cpu_char", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl", "shakespeare_char"]
-    assert OPTIONS["data"] == ["openwebtext", "shakespeare", "shakespeare_char", "text"]
+    assert OPTIONS["data"] == ["documents", "fineweb_edu", "openwebtext", "shakespeare", "shakespeare_char", "text"]
     assert set(OPTIONS["hardware"]) == {"auto", "cpu", "gpu", "mps", "ddp", "fsdp", "multinode"}
     assert set(OPTIONS["logger"]) == {"none", "wandb", "tensorboard", "mlflow"}
     assert set(EXPERIMENTS) >= {

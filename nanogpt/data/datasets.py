@@ -6,18 +6,20 @@ and what they were made from:
 
     format_version  1
     name, source    data.name and data.source
-    format          "text" or "hf"
+    format          "text", "hf" or "documents"
     encoding        "char" or a tiktoken encoding name
     vocab_size      number of token ids
     chars           encoding=char: the vocabulary, token i is chars[i]
-    eot_token       tiktoken: the end-of-text id (format=hf appends it after every document)
+    eot_token       tiktoken: the end-of-text id (format=hf/documents append it after every document)
     dtype           "uint16" or "uint32"
     train_tokens, val_tokens
-    val_fraction    data.val_fraction; split_seed too for format=hf
-    source_files    format=text: each file read, as {path (resolved), size, mtime_ns, sha256}, and
-                    the url it was downloaded from
-    source_abspath  format=text, a local source: data.source made absolute (a glob stays a glob)
-    source_sha256   format=text: the content's identity (one file: its SHA-256, as sha256sum prints it)
+    val_fraction    data.val_fraction; split_seed too for format=hf/documents, and text_column,
+                    train_documents, val_documents for format=documents
+    source_files    format=text/documents: each file read, as {path (resolved), size, mtime_ns, sha256},
+                    and the url it was downloaded from
+    source_abspath  format=text/documents, a local source: data.source made absolute (a glob stays a glob)
+    source_sha256   format=text/documents: the content's identity (one file: its SHA-256, as sha256sum prints it)
+    hub_files       format=documents from hf://: each file read, as {path, size}
     train_sha256, val_sha256, train_max_id, val_max_id, bins_mtime_ns
                     the identity of each .bin and its largest token id, with the mtimes they were
                     taken at (a .bin with another mtime is scanned again)
@@ -65,6 +67,7 @@ from nanogpt.data.tokenizer import (
     encode_large,
     write_json_atomic,
 )
+from nanogpt.data import documents
 from nanogpt.data.userfiles import decode_utf8, read_bytes, read_chunks, read_json, read_text, sha256
 
 log = logging.getLogger(__name__)
@@ -118,12 +121,14 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict[str, Any]:
     out = Path(cfg.dir)
     if not force and is_prepared(out):
         return _use_existing(cfg, out)
+    # format=documents: the corpus is listed and its text column checked before anything is written
+    corpus = _documents_corpus(cfg) if fmt == DataFormat.documents else None
     new_dirs = _missing_dirs(out)
     try:
         with _one_at_a_time(out):
             if not force and is_prepared(out):  # another process prepared it while we waited
                 return _use_existing(cfg, out)
-            return _prepare_locked(cfg, fmt, out, force)
+            return _prepare_locked(cfg, fmt, out, force, corpus)
     except BaseException:
         if new_dirs:  # a failed first prepare (bad source, no network) leaves no trace on disk
             for lock in (".prepare.lock", READERS_LOCK):
@@ -258,8 +263,8 @@ def _is_stale(note_name: str) -> bool:
     return False
 
 
-def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool) -> dict[str, Any]:
-    staged: dict[str, Path] = {}  # final name -> temporary file
+def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool, corpus=None) -> dict[str, Any]:
+    staged: dict[str, Path] = {}  # final name -> temporary file (format=documents: its resumable .partial file)
 
     def stage(name: str) -> Path:
         staged[name] = out / f".{name}.{os.getpid()}.tmp"
@@ -270,6 +275,8 @@ def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool) ->
             source: dict[str, Any] = {}
             if fmt == DataFormat.text:
                 tok, counts, source = _prepare_text(cfg, out, stage, redownload=force)
+            elif fmt == DataFormat.documents:
+                tok, counts, source = _prepare_documents(cfg, out, staged, corpus)
             else:
                 tok, counts = _prepare_hf(cfg, stage)
             dtype = token_dtype(tok.vocab_size)
@@ -283,7 +290,7 @@ def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool) ->
                 "train_tokens": counts["train"],
                 "val_tokens": counts["val"],
                 "val_fraction": cfg.val_fraction,
-                **({"split_seed": cfg.split_seed} if fmt == DataFormat.hf else {}),
+                **({"split_seed": cfg.split_seed} if fmt != DataFormat.text else {}),
                 **source,
             }
             for split in SPLITS:
@@ -298,11 +305,13 @@ def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool) ->
             meta["bins_mtime_ns"] = {split: (out / f"{split}.bin").stat().st_mtime_ns for split in SPLITS}
             meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             write_json_atomic(out / "meta.json", meta)
+            (out / documents.PROGRESS).unlink(missing_ok=True)  # format=documents: nothing left to continue
     except OSError as e:
         raise UserError(f"could not write the dataset to data.dir={cfg.dir} ({e})") from e
     finally:
         for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
+            if tmp.name.endswith(".tmp"):  # a .partial file is kept: a prepare started again continues it
+                tmp.unlink(missing_ok=True)
     log.info(
         "prepared %s in %s: vocab %d, train %d tokens, val %d tokens",
         cfg.name, out, meta["vocab_size"], meta["train_tokens"], meta["val_tokens"],
@@ -321,8 +330,13 @@ def _check_config(cfg: DataConfig) -> DataFormat:
         raise ConfigError(f"data.num_threads={cfg.num_threads} must be at least 1")
     if not str(cfg.source).strip():
         raise ConfigError("data.source is empty: give a URL, a file, a glob or (data.format=hf) a dataset")
-    if fmt == DataFormat.hf and cfg.encoding == "char":
-        raise ConfigError("data.format=hf needs a tiktoken encoding (e.g. data.encoding=gpt2), not char")
+    if fmt in (DataFormat.hf, DataFormat.documents) and cfg.encoding == "char":
+        raise ConfigError(f"data.format={fmt.value} needs a tiktoken encoding (e.g. data.encoding=gpt2), not char")
+    if fmt == DataFormat.documents:
+        if not str(cfg.text_column).strip():
+            raise ConfigError("data.text_column is empty: name the parquet column or jsonl key that holds the text")
+        if cfg.chunk_documents < 1:
+            raise ConfigError(f"data.chunk_documents={cfg.chunk_documents} must be at least 1")
     split_url(cfg.source)  # a malformed #sha256= fails here, before any download
     return fmt
 
@@ -336,8 +350,10 @@ def _check_existing(meta: dict[str, Any], cfg: DataConfig) -> None:
         )
     # The same data.dir with another split would silently train on the old data (the source: _check_source).
     asked: dict[str, Any] = {"val_fraction": cfg.val_fraction}
-    if meta.get("format") == DataFormat.hf.value:
+    if meta.get("format") in (DataFormat.hf.value, DataFormat.documents.value):
         asked["split_seed"] = cfg.split_seed
+    if meta.get("format") == DataFormat.documents.value:
+        asked["text_column"] = cfg.text_column
     for key, value in asked.items():
         if key in meta and meta[key] != value and "converted_from" not in meta:
             raise ConfigError(
@@ -626,6 +642,63 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
         ) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# format=documents: parquet/jsonl files of documents, streamed into token files (nanogpt/data/documents.py)
+
+
+def _documents_corpus(cfg: DataConfig) -> tuple[list[documents.DocFile], int | None]:
+    """The corpus's files and, where their footers say it, its number of documents; every check
+    that can fail on the user's input (no files, other files, no text column, no documents) fails here."""
+    if documents.is_hub(cfg.source):
+        files = documents.hub_files(cfg.source)
+    else:
+        files = documents.local_files(_local_paths(cfg.source))
+    total = documents.check_corpus(cfg.source, files, cfg.text_column)
+    return files, total
+
+
+def _prepare_documents(
+    cfg: DataConfig, out: Path, staged: dict[str, Path], corpus
+) -> tuple[Tokenizer, dict[str, int], dict[str, Any]]:
+    tok = TiktokenTokenizer(cfg.encoding)
+    files, total = corpus
+    records = [documents.file_record(f) for f in files]
+    identity = {
+        "format_version": META_FORMAT_VERSION, "source": cfg.source, "files": records, "encoding": cfg.encoding,
+        "text_column": cfg.text_column, "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
+    }
+    workers = documents.workers_for(cfg.num_threads)
+    progress = documents.tokenize_documents(
+        source=cfg.source, files=files, out=out, identity=identity, text_column=cfg.text_column,
+        encoding=cfg.encoding, dtype=token_dtype(tok.vocab_size), val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed, chunk_documents=cfg.chunk_documents, workers=workers,
+        total_documents=total, name=cfg.name,
+    )
+    for split in SPLITS:
+        staged[f"{split}.bin"] = documents.partial_path(out, split)
+    if progress.documents == 0:
+        raise UserError(f"data.source={cfg.source} holds no documents")
+    if progress.train_tokens == 0 or progress.val_tokens == 0:
+        raise UserError(
+            f"data.source={cfg.source} holds {progress.documents} documents: too few to hold out "
+            f"data.val_fraction={cfg.val_fraction} of them and train on the rest (give more, or another val_fraction)"
+        )
+    source: dict[str, Any] = {
+        "text_column": cfg.text_column,
+        "train_documents": progress.train_documents,
+        "val_documents": progress.val_documents,
+    }
+    if documents.is_hub(cfg.source):
+        source["hub_files"] = records
+    else:  # the content's identity, as for format=text: one more read of the files, at the end
+        for record in records:
+            record["sha256"] = sha256(record["path"], f"data.source={cfg.source}")
+        source["source_files"] = records
+        source["source_sha256"] = content_sha256([r["sha256"] for r in records])
+        source["source_abspath"] = os.path.abspath(os.path.expanduser(cfg.source))
+    return tok, {"train": progress.train_tokens, "val": progress.val_tokens}, source
 
 
 # ---------------------------------------------------------------------------------------------
