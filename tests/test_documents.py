@@ -177,6 +177,28 @@ def test_a_worker_that_dies_is_one_line_and_the_prepare_continues(tmp_path, corp
     assert bins(tmp_path / "out") == {s: expected[s].tobytes() for s in ("train", "val")}
 
 
+def test_force_starts_an_interrupted_preparation_over(tmp_path, corpus, gpt2_tiktoken, monkeypatch, caplog):
+    """force=true means prepare again: a matching interrupted preparation is not continued (its
+    .partial tokens, spoiled here, would otherwise stay)."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the dying worker is patched in before the pool forks")
+    d, _, expected = corpus
+    cfg = config(tmp_path, d / "corpus.parquet")
+    monkeypatch.setattr(documents, "encode_chunk", _encode_or_die)
+    with pytest.raises(UserError):
+        prepare(cfg)
+    monkeypatch.undo()
+    partial = tmp_path / "out" / ".train.bin.partial"
+    assert partial.stat().st_size > 0
+    partial.write_bytes(b"\0" * partial.stat().st_size)  # what a continued prepare would keep
+    with caplog.at_level("INFO", logger="nanogpt"):
+        prepare(cfg, force=True)
+    assert "starting over" in caplog.text and "force=true starts over" in caplog.text
+    assert bins(tmp_path / "out") == {s: expected[s].tobytes() for s in ("train", "val")}
+
+
 def test_other_data_options_start_over_instead_of_continuing(tmp_path, corpus, gpt2_tiktoken):
     d, docs, _ = corpus
     cfg = config(tmp_path, d / "corpus.parquet")
@@ -303,11 +325,11 @@ def test_skipping_consumed_documents_lands_on_the_next_one(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_benchmark_prints_its_figures(tmp_path, gpt2_tiktoken, capsys):
-    """benchmarks/prepare_documents.py at a small size: throughput against the nanoGPT-style
+    """tests/benchmarks/prepare_documents.py at a small size: throughput against the nanoGPT-style
     preparation, and peak memory at 1x and 2x the corpus, printed (never asserted: a shared CPU)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "prepare_documents.py")
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tests" / "benchmarks" / "prepare_documents.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--sizes-mb", "5", "10", "--work-dir", str(tmp_path)])

@@ -276,7 +276,7 @@ def _prepare_locked(cfg: DataConfig, fmt: DataFormat, out: Path, force: bool, co
             if fmt == DataFormat.text:
                 tok, counts, source = _prepare_text(cfg, out, stage, redownload=force)
             elif fmt == DataFormat.documents:
-                tok, counts, source = _prepare_documents(cfg, out, staged, corpus)
+                tok, counts, source = _prepare_documents(cfg, out, staged, corpus, restart=force)
             else:
                 tok, counts = _prepare_hf(cfg, stage)
             dtype = token_dtype(tok.vocab_size)
@@ -660,7 +660,7 @@ def _documents_corpus(cfg: DataConfig) -> tuple[list[documents.DocFile], int | N
 
 
 def _prepare_documents(
-    cfg: DataConfig, out: Path, staged: dict[str, Path], corpus
+    cfg: DataConfig, out: Path, staged: dict[str, Path], corpus, restart: bool = False
 ) -> tuple[Tokenizer, dict[str, int], dict[str, Any]]:
     tok = TiktokenTokenizer(cfg.encoding)
     files, total = corpus
@@ -674,7 +674,7 @@ def _prepare_documents(
         source=cfg.source, files=files, out=out, identity=identity, text_column=cfg.text_column,
         encoding=cfg.encoding, dtype=token_dtype(tok.vocab_size), val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed, chunk_documents=cfg.chunk_documents, workers=workers,
-        total_documents=total, name=cfg.name,
+        total_documents=total, name=cfg.name, restart=restart,
     )
     for split in SPLITS:
         staged[f"{split}.bin"] = documents.partial_path(out, split)

@@ -303,11 +303,14 @@ def partial_path(out: Path, split: str) -> Path:
     return out / PARTIAL.format(split=split)
 
 
-def _load_progress(out: Path, identity: dict[str, Any], itemsize: int) -> tuple[Progress, str | None]:
+def _load_progress(out: Path, identity: dict[str, Any], itemsize: int,
+                   restart: bool = False) -> tuple[Progress, str | None]:
     """The progress to continue from, and why an earlier one is not continued (None: none there)."""
     path = out / PROGRESS
     if not path.exists():
         return Progress(), None
+    if restart:
+        return Progress(), "force=true starts over"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         progress = Progress(**saved["progress"])
@@ -343,14 +346,16 @@ def tokenize_documents(
     workers: int,
     total_documents: int | None,
     name: str,
+    restart: bool = False,
 ) -> Progress:
     """Append the tokens of every document not yet consumed to the .partial files in `out`,
     continuing an earlier run's progress where `identity` (the data options and the files) is the
-    same. Returns the final progress; the .partial files then hold the whole splits."""
+    same, unless `restart` (force=true). Returns the final progress; the .partial files then hold
+    the whole splits."""
     from tqdm import tqdm
 
     itemsize = np.dtype(dtype).itemsize
-    progress, refused = _load_progress(out, identity, itemsize)
+    progress, refused = _load_progress(out, identity, itemsize, restart)
     if progress.chunks:
         log.info(
             "%s: continuing the interrupted preparation in %s after %s documents (%s train and %s val tokens, "
