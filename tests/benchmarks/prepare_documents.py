@@ -2,8 +2,8 @@
 data/openwebtext/prepare.py approach (datasets' `map` with `num_proc`, then a memmap written in
 1024 shards), on the same local corpus, side by side in one run. Prints figures; asserts nothing.
 
-    python benchmarks/prepare_documents.py                   # 100 MB and 200 MB of text, 2 processes
-    python benchmarks/prepare_documents.py --sizes-mb 10 20 --workers 2
+    python tests/benchmarks/prepare_documents.py                   # 100 MB and 200 MB of text, 2 processes
+    python tests/benchmarks/prepare_documents.py --sizes-mb 10 20 --workers 2
 
 The corpus: tiny Shakespeare's lines, shuffled and grouped into documents of 5-80 lines, repeated
 (each repeat shuffled anew) up to the size asked, written as one parquet file (row groups of 10,000
@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ -> the repo root
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 # nanoGPT's data/openwebtext/prepare.py, reading the same parquet file instead of the hub's openwebtext
