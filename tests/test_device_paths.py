@@ -158,7 +158,7 @@ def test_fused_adamw_is_the_default_on_a_cpu_and_steps_like_foreach(tmp_path):
         fused.step()
         plain.step()
     # Rounding, not the update: the two kernels' float32 results drift apart by up to a few 1e-6
-    # over the 10 steps (2.9e-6 in one full-suite run on a 2-core EPYC; 1e-8 to 1e-7 alone),
+    # over the 10 steps (2.9e-6 in one full-suite run on a 2-core Xeon; 1e-8 to 1e-7 alone),
     # while a slightly wrong update (weight decay 0.09 for 0.1) is 4e-3 away after them.
     for p, c in zip(params, copies):
         torch.testing.assert_close(p, c, rtol=1e-5, atol=1e-5)
