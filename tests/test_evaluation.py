@@ -218,7 +218,12 @@ def test_nanogpt_eval_on_a_run_dir_writes_results_and_table(trained):
 @pytest.mark.slow  # lm-eval indexes its thousands of task configs (~10 s) to know the names
 def test_an_unknown_task_is_one_line_naming_the_close_match(tmp_path):
     result = run_cli("nanogpt.evaluate", "gpt2", "tasks=[hellaswg]", cwd=tmp_path)
-    assert_one_line_error(result, "lm-eval knows no task hellaswg", "did you mean hellaswag")
+    line = assert_one_line_error(result, "lm-eval knows no task hellaswg", "did you mean hellaswag", "tasks_include_path=DIR")
+    assert "eval_tasks_include_path" not in line
+    # in training, before the run dir exists, naming training's own key
+    result = run_cli("nanogpt.train", "eval_tasks=[hellaswg]", "max_iters=1", cwd=tmp_path)
+    assert_one_line_error(result, "lm-eval knows no task hellaswg", "eval_tasks_include_path=DIR")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_a_limit_below_one_is_one_line(tmp_path):

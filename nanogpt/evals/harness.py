@@ -42,28 +42,29 @@ def check_request(tasks: Sequence[str], limit: int | None, key: str = "tasks", l
         raise ConfigError(f"{limit_key}={limit} must be a positive number of examples per task, or null for all")
 
 
-def task_manager(tasks: Sequence[str], include_path: str | None = None):
+def task_manager(tasks: Sequence[str], include_path: str | None = None, path_key: str = "tasks_include_path"):
     """lm_eval's TaskManager that knows every task in `tasks`, or a ConfigError naming those it does
     not know (with the close matches). Tasks found under include_path alone skip indexing lm_eval's
-    own thousands of task configs (seconds)."""
+    own thousands of task configs (seconds). path_key: the config key of include_path, as the
+    errors name it (nanogpt-eval's tasks_include_path, training's eval_tasks_include_path)."""
     require_lm_eval()
     key = (tuple(tasks), include_path)
     if key not in _MANAGERS:  # the preflight check and the run share one process: index once
-        _MANAGERS[key] = _task_manager(tasks, include_path)
+        _MANAGERS[key] = _task_manager(tasks, include_path, path_key)
     return _MANAGERS[key]
 
 
 _MANAGERS: dict = {}
 
 
-def _task_manager(tasks: Sequence[str], include_path: str | None):
+def _task_manager(tasks: Sequence[str], include_path: str | None, path_key: str):
     from lm_eval.tasks import TaskManager
 
     paths = None
     if include_path is not None:
         where = Path(include_path).expanduser()
         if not where.is_dir():
-            raise ConfigError(f"tasks_include_path={include_path}: no such directory (of lm-eval task YAML files)")
+            raise ConfigError(f"{path_key}={include_path}: no such directory (of lm-eval task YAML files)")
         paths = str(where)
         local = TaskManager(include_path=paths, include_defaults=False)
         if not _unknown(local, tasks):
@@ -76,7 +77,7 @@ def _task_manager(tasks: Sequence[str], include_path: str | None):
             close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.75)
             hints.append(f"{name} (did you mean {', '.join(close)}?)" if close else name)
         raise ConfigError(f"lm-eval knows no task {'; '.join(hints)}: `lm-eval ls tasks` lists them; a task of "
-                          f"your own is a YAML file under tasks_include_path=DIR")
+                          f"your own is a YAML file under {path_key}=DIR")
     return manager
 
 

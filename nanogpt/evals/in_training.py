@@ -34,7 +34,7 @@ class TaskEvaluation:
         self.config, self.model, self.device, self.autocast = config, model, device, autocast
         self.tokenizer = tokenizer.from_meta(data_meta)
         self.interval = config.eval_tasks_interval or config.eval_interval
-        self.manager = harness.task_manager(config.eval_tasks, config.eval_tasks_include_path)
+        self.manager = harness.task_manager(config.eval_tasks, config.eval_tasks_include_path, "eval_tasks_include_path")
         self.batch_size = config.batch_size if isinstance(config.batch_size, int) else FALLBACK_BATCH_SIZE
 
     def at(self, step: int, last: bool) -> dict[str, float]:

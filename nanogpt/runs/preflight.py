@@ -75,7 +75,7 @@ def check_eval_tasks(config: TrainConfig) -> None:
     if config.eval_tasks:
         from nanogpt.evals import harness
 
-        harness.task_manager(config.eval_tasks, config.eval_tasks_include_path)
+        harness.task_manager(config.eval_tasks, config.eval_tasks_include_path, "eval_tasks_include_path")
 
 
 def check_data_and_vocab(config: TrainConfig) -> dict:
