@@ -388,6 +388,15 @@ def content_sha256(file_hashes: list[str]) -> str:
     return hashlib.sha256("\n".join(file_hashes).encode()).hexdigest()
 
 
+def content_identity(files: list[dict[str, Any]], local_source: str | None) -> dict[str, Any]:
+    """What a prepared dir was made from, by content (meta.json's source_files, source_sha256 and,
+    for a local source, source_abspath): the files' records (each with its sha256) as given."""
+    identity = {"source_files": files, "source_sha256": content_sha256([f["sha256"] for f in files])}
+    if local_source is not None:
+        identity["source_abspath"] = os.path.abspath(os.path.expanduser(local_source))
+    return identity
+
+
 def scan_bin(path: Path, dtype: str) -> tuple[str, int]:
     """The SHA-256 of a token file and its largest token id (-1 if empty), in one vectorised pass
     (about 2 s per GB on a 2-core CPU, the hash most of it; see docs/data.md)."""
@@ -577,9 +586,7 @@ def read_text_source(source: str, download_dir: Path, redownload: bool = False) 
                       "sha256": hashlib.sha256(data).hexdigest(), **({"url": url} if url else {})})
         texts.append(decode_utf8(data, path, f"data.source={source}"))
         del data
-    identity = {"source_files": files, "source_sha256": content_sha256([f["sha256"] for f in files])}
-    if url is None:
-        identity["source_abspath"] = os.path.abspath(os.path.expanduser(source))
+    identity = content_identity(files, None if url else source)
     if expected is not None and identity["source_sha256"] != expected:
         raise UserError(
             f"{url} downloaded with SHA-256 {identity['source_sha256']}, not the {expected} that data.source names: "
@@ -695,9 +702,7 @@ def _prepare_documents(
     else:  # the content's identity, as for format=text: one more read of the files, at the end
         for record in records:
             record["sha256"] = sha256(record["path"], f"data.source={cfg.source}")
-        source["source_files"] = records
-        source["source_sha256"] = content_sha256([r["sha256"] for r in records])
-        source["source_abspath"] = os.path.abspath(os.path.expanduser(cfg.source))
+        source.update(content_identity(records, cfg.source))
     return tok, {"train": progress.train_tokens, "val": progress.val_tokens}, source
 
 
