@@ -22,8 +22,8 @@ from nanogpt.data import documents
 from nanogpt.data.datasets import is_prepared, prepare
 from nanogpt.errors import UserError
 
-pq = pytest.importorskip("pyarrow.parquet")
-pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet", reason="the hf extra installs pyarrow (pip install -e '.[hf]')")
+pa = pytest.importorskip("pyarrow", reason="the hf extra installs pyarrow (pip install -e '.[hf]')")
 
 
 def make_documents(n_docs: int, seed: int = 0) -> list[str]:
